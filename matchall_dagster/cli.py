@@ -1,0 +1,260 @@
+"""The `matchall` command: fetch a segment's members, list segments, serve the simulator."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pa_parquet
+
+from matchall_dagster.client import ActiveCampaignClient, ContactIds
+from matchall_dagster.errors import ActiveCampaignError, InvalidInputError
+from matchall_dagster.models import MatchAllRun
+from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, demo_account, serve
+from matchall_dagster.validation import DEFAULT_SORT
+
+FORMATS = ("csv", "parquet", "jsonl")
+_JSONL_CHUNK = 100_000
+_CSV_OPTIONS = pa_csv.WriteOptions(quoting_style="none", quoting_header="none")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """ActiveCampaign segment memberships: fetch them, or serve the offline simulator."""
+
+
+def _client_from_env() -> ActiveCampaignClient:
+    url = os.environ.get("ACTIVECAMPAIGN_API_URL", "")
+    key = os.environ.get("ACTIVECAMPAIGN_API_KEY", "")
+    missing = [name for name, value in (("ACTIVECAMPAIGN_API_URL", url), ("ACTIVECAMPAIGN_API_KEY", key)) if not value]
+    if missing:
+        raise InvalidInputError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set them to the "
+            f"account's API URL and key (ActiveCampaign: Settings > Developer), or to a simulator's "
+            f"(`matchall simulator` prints both)."
+        )
+    return ActiveCampaignClient(url, key)
+
+
+class _Progress:
+    """One self-rewriting status line on a terminal's stderr; silent when stderr is not a tty."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._live = stream.isatty()
+        self._width = 0
+
+    def show(self, text: str) -> None:
+        if self._live:
+            self._stream.write("\r" + text.ljust(self._width))
+            self._stream.flush()
+            self._width = len(text)
+
+    def done(self) -> None:
+        if self._live and self._width:
+            self._stream.write("\r" + " " * self._width + "\r")
+            self._stream.flush()
+
+
+@main.command()
+@click.argument("segment_id")
+@click.option("--sort", default=DEFAULT_SORT, show_default=True, help="Sort keys, e.g. 'last_name,-first_name'.")
+@click.option("--run-id", help="Read this existing run instead of starting one.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write; CSV to stdout if absent.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format; from --output's suffix, else csv.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the run to be ready.")
+def fetch(segment_id: str, sort: str, run_id: str | None, output: Path | None, fmt: str | None, timeout: float) -> None:
+    """Write every member of SEGMENT_ID, in order: columns `position` (1-based) and `contact_id`.
+
+    Exits 0 only when the complete list was written; never leaves a partial file at --output.
+    """
+    fmt = fmt or _format_of(output)
+    if output is None and fmt != "csv":
+        _fail(f"--format {fmt} writes binary or line data; give --output PATH for it (stdout takes csv only).")
+    progress = _Progress(sys.stderr)
+    started = time.monotonic()
+    try:
+        with _client_from_env() as client:
+            if run_id is None:
+                run_id = client.start_run(segment_id, sort=sort).run_id
+                progress.show(f"Started run {run_id} of segment {segment_id}.")
+
+            def waiting(run: MatchAllRun, elapsed: float) -> None:
+                progress.show(f"Run {run_id} of segment {segment_id}: {run.state.value} after {elapsed:.0f} s")
+
+            first = client.wait_until_ready(segment_id, run_id, sort=sort, timeout=timeout, on_poll=waiting)
+            matches = client.fetch_matches(
+                segment_id,
+                run_id,
+                sort=sort,
+                first_page=first,
+                ready_timeout=timeout,
+                on_page=lambda done, last: progress.show(f"Reading pages: {done}/{last}"),
+            )
+        progress.done()
+        _write(matches.contact_ids, fmt, output)
+    except ActiveCampaignError as exc:
+        progress.done()
+        _fail(str(exc))
+    except OSError as exc:
+        progress.done()
+        _fail(f"Could not write {output}: {exc.strerror or exc}. Nothing was written there; check the path.")
+    click.echo(
+        f"Wrote {matches.total:,} contacts of segment {segment_id} (run {run_id}, sort {sort}) "
+        f"to {output or 'stdout'} in {time.monotonic() - started:.1f} s.",
+        err=True,
+    )
+
+
+@main.command()
+def segments() -> None:
+    """List the account's saved segments (id, last known size, name) as tab-separated lines."""
+    try:
+        with _client_from_env() as client:
+            for segment in client.list_segments():
+                size = "" if segment.last_total is None else str(segment.last_total)
+                click.echo(f"{segment.id}\t{size}\t{segment.name}")
+    except ActiveCampaignError as exc:
+        _fail(str(exc))
+
+
+def _fault_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for name, help_text in reversed(
+        [
+            ("latency_ms", "Milliseconds added to every answer."),
+            ("latency_jitter_ms", "Plus up to this many random milliseconds."),
+            ("error_rate", "Share of requests answered 500/502/503/504."),
+            ("reset_rate", "Share of answers whose connection drops mid-body."),
+            ("truncate_rate", "Share of answers cut short (invalid JSON)."),
+            ("burst_429_rate", "Chance that a request starts a burst of 429s."),
+            ("burst_429_length", "429s in a burst."),
+            ("slow_rate", "Share of answers delayed by --slow-ms (time-outs)."),
+            ("slow_ms", "Delay of slow answers."),
+        ]
+    ):
+        default = getattr(Faults(), name)
+        option = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=type(default),
+            default=default,
+            show_default=True,
+            envvar=f"MATCHALL_SIM_{name.upper()}",
+            help=help_text,
+        )
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="MATCHALL_SIM_HOST")
+@click.option("--port", default=8765, show_default=True, envvar="MATCHALL_SIM_PORT")
+@click.option("--token", default=DEFAULT_TOKEN, show_default=True, envvar="MATCHALL_SIM_TOKEN", help="The accepted Api-Token.")
+@click.option("--seed", default=0, show_default=True, envvar="MATCHALL_SIM_SEED", help="Seed of the account and the faults.")
+@click.option("--ready-after", default=2.0, show_default=True, envvar="MATCHALL_SIM_READY_AFTER", help="Seconds until a run is ready.")
+@click.option(
+    "--requests-per-second",
+    default=5.0,
+    show_default=True,
+    envvar="MATCHALL_SIM_REQUESTS_PER_SECOND",
+    help="The account limit; 0 turns it off.",
+)
+@click.option("--retry-after", default=1, show_default=True, envvar="MATCHALL_SIM_RETRY_AFTER", help="Retry-After of 429s.")
+@click.option("--burst-429-retry-after/--no-burst-429-retry-after", default=True, envvar="MATCHALL_SIM_BURST_429_RETRY_AFTER")
+@_fault_options
+def simulator(
+    host: str,
+    port: int,
+    token: str,
+    seed: int,
+    ready_after: float,
+    requests_per_second: float,
+    retry_after: int,
+    **faults: Any,
+) -> None:
+    """Serve a simulated account of the Match-All API (every option also reads MATCHALL_SIM_<NAME>)."""
+    try:
+        config = SimulatorConfig(
+            api_token=token,
+            requests_per_second=requests_per_second,
+            retry_after=retry_after,
+            ready_after=ready_after,
+            seed=seed,
+            faults=Faults(**faults),
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    account = demo_account(seed)
+    url_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"Simulated ActiveCampaign account with {len(account.segments)} segments.\n"
+        f"  export ACTIVECAMPAIGN_API_URL=http://{url_host}:{port}\n"
+        f"  export ACTIVECAMPAIGN_API_KEY={token if token == DEFAULT_TOKEN else '<your --token>'}",
+        err=True,
+    )
+    serve(Simulator(account, config), host=host, port=port, log_level="warning")
+
+
+def _format_of(output: Path | None) -> str:
+    suffix = output.suffix.lower().lstrip(".") if output else ""
+    return suffix if suffix in FORMATS else "csv"
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+def _table(contact_ids: ContactIds) -> pa.Table:
+    positions = np.arange(1, contact_ids.size + 1, dtype=np.int64)
+    return pa.table({"position": positions, "contact_id": contact_ids})
+
+
+def _write(contact_ids: ContactIds, fmt: str, output: Path | None) -> None:
+    """Write the list; to a file only through a temporary sibling renamed into place at the end."""
+    if output is None:
+        try:
+            pa_csv.write_csv(_table(contact_ids), sys.stdout.buffer, _CSV_OPTIONS)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as other command-line tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        return
+    with _atomic_file(output) as stream:
+        if fmt == "csv":
+            pa_csv.write_csv(_table(contact_ids), stream, _CSV_OPTIONS)
+        elif fmt == "parquet":
+            pa_parquet.write_table(_table(contact_ids), stream)
+        else:
+            for start in range(0, contact_ids.size, _JSONL_CHUNK):
+                chunk = contact_ids[start : start + _JSONL_CHUNK].tolist()
+                lines = "".join(
+                    f'{{"position":{start + i + 1},"contact_id":{contact_id}}}\n' for i, contact_id in enumerate(chunk)
+                )
+                stream.write(lines.encode())
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    directory = path.resolve().parent
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

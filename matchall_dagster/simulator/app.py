@@ -1,0 +1,443 @@
+"""The simulated API as an ASGI app: the endpoints of API.md, the account limit, and faults.
+
+State lives in one `Simulator` object (runs, clock, counters); the Starlette app is a thin
+routing layer over it, so tests can ask the same object for ground truth and statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from matchall_dagster.errors import InvalidInputError
+from matchall_dagster.simulator.account import Behavior, SimAccount, SimSegment
+from matchall_dagster.validation import MAX_PAGE_SIZE, parse_sort, validate_id
+
+DEFAULT_TOKEN = "simulator-token"
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults injected into API answers; rates are chances per request, from 0 to 1."""
+
+    latency_ms: float = 0.0  # added to every API answer
+    latency_jitter_ms: float = 0.0  # plus a uniform random share of this
+    error_rate: float = 0.0  # answered 500, 502, 503 or 504
+    reset_rate: float = 0.0  # connection closed half-way through the body
+    truncate_rate: float = 0.0  # body cut short: invalid JSON with a consistent length
+    burst_429_rate: float = 0.0  # starts a burst of 429 answers
+    burst_429_length: int = 3
+    burst_429_retry_after: bool = True  # send Retry-After with burst 429s
+    slow_rate: float = 0.0  # answered after `slow_ms` (to provoke client time-outs)
+    slow_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name.endswith("_rate") and not 0.0 <= value <= 1.0:
+                raise ValueError(f"fault {item.name} must be between 0 and 1, not {value!r}")
+            if (item.name.endswith("_ms") or item.name == "burst_429_length") and value < 0:
+                raise ValueError(f"fault {item.name} must not be negative, not {value!r}")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    api_token: str = DEFAULT_TOKEN
+    requests_per_second: float = 5.0  # the account limit; 0 turns it off
+    retry_after: int = 1  # seconds, sent with 429 at the limit (the reference's example says 30)
+    ready_after: float = 2.0  # seconds until a run is ready, unless its segment says otherwise
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+
+
+@dataclass
+class SimRun:
+    run_id: str
+    segment: SimSegment
+    sort: str
+    started_at: float  # simulator clock, epoch seconds
+    ready_at: float
+
+
+class _InjectedReset(Exception):
+    """Raised after half a body was sent, so that the server drops the connection."""
+
+
+class _ResetResponse(Response):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
+        raise _InjectedReset("injected connection reset")
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _error(
+    status: int,
+    title: str,
+    detail: str,
+    pointer: str | None = None,
+    *,
+    label: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An error in the API's shape; `status` is a string whose form varies, as in the field."""
+    error: dict[str, Any] = {"status": label or str(status), "title": title, "detail": detail}
+    error["code"] = title.lower().replace(" ", "_")
+    if pointer:
+        error["source"] = {"pointer": pointer}
+    return JSONResponse({"errors": [error]}, status_code=status, headers=headers)
+
+
+class _BadParameter(Exception):
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(detail)
+        self.name = name
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        number = float(raw)
+    except ValueError:
+        raise _BadParameter(name, f"{name} must be an integer, not {raw[:40]!r}") from None
+    if not math.isfinite(number) or not number.is_integer() or abs(number) > 2**31:
+        raise _BadParameter(name, f"{name} must be an integer, not {raw[:40]!r}")
+    return int(number)
+
+
+class Simulator:
+    """The simulated account's server-side state; safe to read from other threads."""
+
+    def __init__(self, account: SimAccount, config: SimulatorConfig | None = None) -> None:
+        self.account = account
+        self.config = config or SimulatorConfig()
+        self.faults = self.config.faults
+        self.runs: dict[str, SimRun] = {}
+        self._clock_offset = 0.0
+        self._rng = random.Random(self.config.seed)
+        self._lock = threading.Lock()
+        self._admitted: deque[float] = deque()
+        self._burst_left = 0
+        self._arrivals: list[float] = []
+        self._statuses: Counter[int] = Counter()
+        self._injected: Counter[str] = Counter()
+        self.app = self._build_app()
+
+    # -- clock and control ------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.time() + self._clock_offset
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the simulator's clock forward (to age runs towards their 90-day expiry)."""
+        self._clock_offset += seconds
+
+    def set_faults(self, faults: Faults) -> None:
+        self.faults = faults
+
+    def truth(self, segment_id: str, sort: str = "id") -> list[int]:
+        """The exact list a complete read of a run of this segment in this sort must give."""
+        return [int(x) for x in self.account.ordered(segment_id, sort)]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            arrivals = sorted(self._arrivals)
+            statuses = dict(self._statuses)
+            injected = dict(self._injected)
+        return {
+            "requests": len(arrivals),
+            "by_status": statuses,
+            "faults_injected": injected,
+            "max_requests_in_any_second": _max_in_window(arrivals, 1.0),
+            "first_request_at": arrivals[0] if arrivals else None,
+            "last_request_at": arrivals[-1] if arrivals else None,
+            "arrivals": arrivals,
+        }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._arrivals.clear()
+            self._statuses.clear()
+            self._injected.clear()
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_run(self, segment: SimSegment, sort: str) -> SimRun:
+        now = self.now()
+        run_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+        ready_after = self.config.ready_after if segment.ready_after is None else segment.ready_after
+        run = SimRun(run_id, segment, sort, started_at=now, ready_at=now + ready_after)
+        self.runs[run_id] = run
+        return run
+
+    def _find_run(self, segment_id: str, run_id: str) -> SimRun | None:
+        run = self.runs.get(run_id)
+        if run is None or run.segment.id != segment_id:
+            return None
+        if self.now() >= run.started_at + run.segment.expire_after:
+            del self.runs[run_id]
+            return None
+        return run
+
+    def _rekick(self, run: SimRun, sort: str) -> None:
+        ready_after = self.config.ready_after if run.segment.ready_after is None else run.segment.ready_after
+        run.sort = sort
+        run.ready_at = self.now() + ready_after
+
+    def _run_body(self, run: SimRun, page: int, page_size: int) -> dict[str, Any]:
+        now = self.now()
+        finished = now >= run.ready_at
+        ready = finished and run.segment.behavior is not Behavior.FAIL
+        attributes: dict[str, Any] = {
+            "run_id": run.run_id,
+            "run_id_start": _iso(run.started_at),
+            "is_ready": ready,
+            "segment_id": run.segment.id,
+            "segment_timestamp": _iso(self.account.segment_timestamp(run.segment).timestamp()),
+        }
+        if finished:
+            attributes["run_id_end"] = _iso(run.ready_at)
+        if ready:
+            ordered = self.account.ordered(run.segment.id, run.sort)
+            total = int(ordered.size)
+            attributes["matches"] = ordered[(page - 1) * page_size : page * page_size].tolist()
+            attributes["page"] = {
+                "current_page": page,
+                "last_page": max(1, math.ceil(total / page_size)),
+                "per_page": page_size,
+                "total": total,
+            }
+        return {"data": [{"id": f"{run.run_id}-{page}", "type": "matchAll", "attributes": attributes}]}
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _build_app(self) -> Starlette:
+        api = self._api_endpoint
+        return Starlette(
+            routes=[
+                Route("/api/3/segmentMatchAll/{segment_id}", api(self._start), methods=["GET"]),
+                Route("/api/3/segmentMatchAll/{segment_id}/{run_id}", api(self._result_set), methods=["GET"]),
+                Route("/api/3/segmentMatchSome/{segment_id}/{run_id}", api(self._match_some), methods=["GET"]),
+                Route("/api/3/audiences", api(self._audiences), methods=["GET"]),
+                Route("/openapi.json", self._openapi, methods=["GET"]),
+                Route("/_simulator/stats", self._admin_stats, methods=["GET"]),
+                Route("/_simulator/stats/reset", self._admin_reset_stats, methods=["POST"]),
+                Route("/_simulator/clock", self._admin_clock, methods=["POST"]),
+                Route("/_simulator/faults", self._admin_faults, methods=["GET", "POST"]),
+            ]
+        )
+
+    def _api_endpoint(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap an API handler in what every API call meets: the limit, auth, and faults."""
+
+        async def endpoint(request: Request) -> Response:
+            response = await self._admit(request)
+            if response is None:
+                try:
+                    response = await handler(request)
+                except _BadParameter as exc:
+                    response = _error(400, "Invalid parameter", str(exc), f"/{exc.name}")
+                response = await self._inject_body_fault(response)
+            with self._lock:
+                self._statuses[response.status_code] += 1
+            return response
+
+        return endpoint
+
+    async def _admit(self, request: Request) -> Response | None:
+        """Count the request, then answer it early if the limit, the token or a fault says so."""
+        arrival = time.monotonic()
+        faults = self.faults
+        with self._lock:
+            self._arrivals.append(arrival)
+            limited = self._over_limit(arrival)
+            in_burst = self._burst_left > 0 or (faults.burst_429_rate and self._rng.random() < faults.burst_429_rate)
+            if in_burst and not limited:
+                self._burst_left = (self._burst_left or faults.burst_429_length) - 1
+                self._injected["429_burst"] += 1
+            roll = self._rng.random()
+            delay = faults.latency_ms + self._rng.random() * faults.latency_jitter_ms
+            if faults.slow_rate and self._rng.random() < faults.slow_rate:
+                delay += faults.slow_ms
+                self._injected["slow"] += 1
+        if limited:
+            headers = {
+                "Retry-After": str(self.config.retry_after),
+                "RateLimit-Limit": str(math.floor(self.config.requests_per_second)),
+                "RateLimit-Remaining": "0",
+            }
+            return _error(429, "Too Many Requests", "The account's request limit was exceeded.", headers=headers)
+        if request.headers.get("api-token") != self.config.api_token:
+            await asyncio.sleep(delay / 1000)
+            return _error(403, "Forbidden", "You do not have permission to access this resource.")
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        if in_burst:
+            headers = {"Retry-After": "1"} if faults.burst_429_retry_after else {}
+            return _error(429, "Too Many Requests", "Slow down.", headers=headers)
+        if roll < faults.error_rate:
+            with self._lock:
+                status = self._rng.choice((500, 502, 503, 504))
+                self._injected[f"http_{status}"] += 1
+            return Response(b"<html>upstream error</html>", status_code=status, media_type="text/html")
+        return None
+
+    def _over_limit(self, arrival: float) -> bool:
+        rate = self.config.requests_per_second
+        if rate <= 0:
+            return False
+        limit = max(1, math.floor(rate))
+        window = limit / rate
+        while self._admitted and self._admitted[0] <= arrival - window:
+            self._admitted.popleft()
+        if len(self._admitted) >= limit:
+            return True
+        self._admitted.append(arrival)
+        return False
+
+    async def _inject_body_fault(self, response: Response) -> Response:
+        if response.status_code != 200:
+            return response
+        faults = self.faults
+        with self._lock:
+            roll = self._rng.random()
+            if roll < faults.reset_rate:
+                self._injected["reset"] += 1
+                return _ResetResponse(response.body, media_type="application/json")
+            if roll < faults.reset_rate + faults.truncate_rate:
+                self._injected["truncated"] += 1
+                cut = self._rng.randrange(0, max(1, len(response.body) - 1))
+                return Response(response.body[:cut], media_type="application/json")
+        return response
+
+    def _segment(self, request: Request) -> SimSegment | None:
+        segment_id = request.path_params["segment_id"]
+        try:
+            validate_id(segment_id)
+        except InvalidInputError:
+            return None
+        return self.account.segment(segment_id)
+
+    def _sort(self, request: Request) -> str:
+        sort = request.query_params.get("sort") or "id"
+        try:
+            parse_sort(sort, allow_bare_field=True)
+        except InvalidInputError as exc:
+            raise _BadParameter("sort", str(exc)) from None
+        return sort
+
+    def _paging(self, request: Request) -> tuple[int, int]:
+        # Like the API's paginator: a page below 1 reads as 1, a size below 1 as the default.
+        page = max(1, _int_param(request, "page", 1))
+        page_size = _int_param(request, "page_size", 20)
+        if page_size > MAX_PAGE_SIZE:
+            raise _BadParameter("page_size", f"page_size must be at most {MAX_PAGE_SIZE}, not {page_size}")
+        return page, page_size if page_size >= 1 else 20
+
+    async def _start(self, request: Request) -> Response:
+        segment = self._segment(request)
+        sort = self._sort(request)
+        page, page_size = self._paging(request)
+        if segment is None:
+            return _error(404, "Not Found", "No Result found for Segment", label="404 NOT_FOUND")
+        run = self.start_run(segment, sort)
+        if "instant" not in request.query_params:
+            # Without `instant` the API waits up to 4 s and may answer with the first page.
+            await asyncio.sleep(max(0.0, min(4.0, run.ready_at - self.now())))
+        return JSONResponse(self._run_body(run, page, page_size))
+
+    async def _result_set(self, request: Request) -> Response:
+        sort = self._sort(request)
+        page, page_size = self._paging(request)
+        run = self._find_run(request.path_params["segment_id"], request.path_params["run_id"])
+        if run is None:
+            return _error(404, "Not Found", "Segment or RunId not found", label="404 NOT_FOUND")
+        if sort != run.sort:
+            self._rekick(run, sort)  # a different sort throws the cached result-set away
+        return JSONResponse(self._run_body(run, page, page_size))
+
+    async def _match_some(self, request: Request) -> Response:
+        page, page_size = self._paging(request)
+        run = self._find_run(request.path_params["segment_id"], request.path_params["run_id"])
+        if run is None:
+            return _error(404, "Not Found", "Segment or RunId not found", label="404 NOT_FOUND")
+        return JSONResponse(self._run_body(run, page, page_size))
+
+    async def _audiences(self, request: Request) -> Response:
+        page, page_size = self._paging(request)
+        search = (request.query_params.get("search") or "").lower()
+        segments = [s for s in self.account.segments if search in s.name.lower()]
+        sort = request.query_params.get("sort", "")
+        if sort.lstrip("-") == "name":
+            segments.sort(key=lambda s: s.name, reverse=sort.startswith("-"))
+        if not segments:
+            return _error(404, "Not Found", "No Result found for Audience", label="404 NOT_FOUND")
+        chosen = segments[(page - 1) * page_size : page * page_size]
+        return JSONResponse(
+            {
+                "audiences": [{"id": s.id, "name": s.name, "last_total": s.size} for s in chosen],
+                "meta": {"total": str(len(segments))},
+            }
+        )
+
+    async def _openapi(self, request: Request) -> Response:
+        text = resources.files("matchall_dagster.simulator").joinpath("openapi.json").read_text()
+        return Response(text, media_type="application/json")
+
+    async def _admin_stats(self, request: Request) -> Response:
+        stats = self.stats()
+        if request.query_params.get("arrivals") != "1":
+            del stats["arrivals"]
+        return JSONResponse(stats)
+
+    async def _admin_reset_stats(self, request: Request) -> Response:
+        self.reset_stats()
+        return JSONResponse({"ok": True})
+
+    async def _admin_clock(self, request: Request) -> Response:
+        try:
+            self.advance_clock(float(request.query_params.get("advance", "0")))
+        except ValueError:
+            return _error(400, "Invalid parameter", "advance must be a number of seconds")
+        return JSONResponse({"now": _iso(self.now())})
+
+    async def _admin_faults(self, request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                self.set_faults(replace(self.faults, **json.loads(await request.body())))
+            except (TypeError, ValueError) as exc:
+                return _error(400, "Invalid faults", str(exc))
+        return JSONResponse(asdict(self.faults))
+
+
+def _max_in_window(sorted_times: list[float], window: float) -> int:
+    """The most events that fall within any half-open interval of `window` seconds."""
+    best = 0
+    start = 0
+    for end, moment in enumerate(sorted_times):
+        while sorted_times[start] <= moment - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best

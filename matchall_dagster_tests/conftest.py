@@ -1,0 +1,109 @@
+"""Fixtures declared once: simulated accounts served over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from matchall_dagster import ActiveCampaignClient
+from matchall_dagster.simulator import (
+    DEFAULT_TOKEN,
+    Behavior,
+    Faults,
+    SimAccount,
+    SimSegment,
+    Simulator,
+    SimulatorConfig,
+    SimulatorServer,
+)
+
+PAGING_SIZES = {"empty": 0, "one": 1, "9999": 9_999, "10000": 10_000, "10001": 10_001, "25001": 25_001}
+UUID_SEGMENT = "1ab85f0e-3b5c-4a35-bc07-242c68a7d195132"
+
+
+def make_account() -> SimAccount:
+    """Every paging edge, both id styles, and every run fate."""
+    segments = [SimSegment(f"{size}", name, size) for name, size in PAGING_SIZES.items() if size]
+    return SimAccount(
+        seed=7,
+        segments=[
+            *segments,
+            SimSegment("100", "Empty", 0),
+            SimSegment(UUID_SEGMENT, "UUID id", 12_345),
+            SimSegment("500000", "Half a million", 500_000),
+            SimSegment("1000000", "A million", 1_000_000),
+            SimSegment("77", "Fails", 50, behavior=Behavior.FAIL),
+            SimSegment("88", "Expires", 50, behavior=Behavior.EXPIRE, expire_after=60.0),
+            SimSegment("99", "Slow", 50, ready_after=3_600.0),
+        ],
+    )
+
+
+ServeSimulator = Callable[..., SimulatorServer]
+
+
+@pytest.fixture
+def serve_simulator() -> Iterator[ServeSimulator]:
+    """Start simulators (torn down after the test): `serve_simulator(faults=..., ready_after=...)`."""
+    servers: list[SimulatorServer] = []
+
+    def start(account: SimAccount | None = None, **config: Any) -> SimulatorServer:
+        config.setdefault("ready_after", 0.0)
+        config.setdefault("requests_per_second", 0)
+        config.setdefault("faults", Faults())
+        server = SimulatorServer(Simulator(account or make_account(), SimulatorConfig(**config))).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(serve_simulator: ServeSimulator) -> SimulatorServer:
+    return serve_simulator()
+
+
+class SleepRecorder:
+    """Stands in for time.sleep in retry and polling paths: records, and moves its own clock
+    (`clock`) forward instead of waiting."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.now = 1_000.0
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sleeps() -> SleepRecorder:
+    return SleepRecorder()
+
+
+@pytest.fixture
+def make_client(sleeps: SleepRecorder) -> Iterator[Callable[..., ActiveCampaignClient]]:
+    clients: list[ActiveCampaignClient] = []
+
+    def build(server: SimulatorServer, **options: Any) -> ActiveCampaignClient:
+        options.setdefault("requests_per_second", 1000)
+        options.setdefault("sleep", sleeps)
+        client = ActiveCampaignClient(server.url, options.pop("api_key", DEFAULT_TOKEN), **options)
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(server: SimulatorServer, make_client: Callable[..., ActiveCampaignClient]) -> ActiveCampaignClient:
+    return make_client(server)

@@ -1,0 +1,270 @@
+"""The client against the simulator over real HTTP: run states, paging, sorts, faults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import pytest
+
+from matchall_dagster import (
+    ActiveCampaignClient,
+    APIUnavailableError,
+    AuthenticationError,
+    InvalidInputError,
+    InvalidResponseError,
+    RunExpiredError,
+    RunFailedError,
+    RunNotReadyError,
+    RunState,
+    SegmentNotFoundError,
+    UnexpectedResponseError,
+)
+from matchall_dagster.simulator import Faults, SimulatorServer
+from matchall_dagster_tests.conftest import PAGING_SIZES, UUID_SEGMENT, ServeSimulator, SleepRecorder
+
+MakeClient = Callable[..., ActiveCampaignClient]
+
+
+def fetch(client: ActiveCampaignClient, segment_id: str, sort: str = "id") -> list[int]:
+    run = client.start_run(segment_id, sort=sort)
+    first = client.wait_until_ready(segment_id, run.run_id, sort=sort)
+    return client.fetch_matches(segment_id, run.run_id, sort=sort, first_page=first).contact_ids.tolist()
+
+
+@pytest.mark.parametrize("segment_id", [*[str(size) for size in PAGING_SIZES.values() if size], "100", UUID_SEGMENT])
+def test_fetch_across_page_boundaries_equals_ground_truth(
+    server: SimulatorServer, make_client: MakeClient, segment_id: str
+) -> None:
+    client = make_client(server)
+    assert fetch(client, segment_id) == server.simulator.truth(segment_id)
+
+
+@pytest.mark.parametrize(("page_size", "segment_id"), [(10_000, "25001"), (2_500, "25001"), (1, "1"), (3, "100")])
+def test_pages_are_read_in_order_at_any_page_size(
+    server: SimulatorServer, make_client: MakeClient, page_size: int, segment_id: str
+) -> None:
+    client = make_client(server, page_size=page_size)
+    run = client.start_run(segment_id)
+    first = client.wait_until_ready(segment_id, run.run_id)
+    matches = client.fetch_matches(segment_id, run.run_id, first_page=first)
+    assert matches.contact_ids.tolist() == server.simulator.truth(segment_id)
+    assert matches.pages_read == max(1, -(-matches.total // page_size))
+    assert matches.contact_ids.dtype == np.int64
+
+
+@pytest.mark.parametrize("sort", ["id", "-id", "email", "-phone", "score2", "last_name,-first_name", "-field9,cdate"])
+def test_every_sort_returns_the_simulators_order(client: ActiveCampaignClient, server: SimulatorServer, sort: str) -> None:
+    ids = fetch(client, "10001", sort)
+    assert ids == server.simulator.truth("10001", sort)
+    assert sorted(ids) == server.simulator.truth("10001")
+
+
+def test_run_states_running_ready_failed_expired(serve_simulator: ServeSimulator, make_client: MakeClient) -> None:
+    server = serve_simulator(ready_after=3_600.0)
+    client = make_client(server)
+    running = client.start_run("1")
+    assert running.state is RunState.RUNNING and running.matches is None
+    server.simulator.advance_clock(3_601)
+    ready = client.poll_run("1", running.run_id)
+    assert ready.state is RunState.READY and ready.run is not None and ready.run.page is not None
+    assert ready.run.page.total == 1
+
+    failing = client.start_run("77")
+    server.simulator.advance_clock(3_601)
+    status = client.poll_run("77", failing.run_id)
+    assert status.state is RunState.FAILED and status.run is not None and status.run.run_id_end is not None
+    with pytest.raises(RunFailedError, match="Start a new run"):
+        client.wait_until_ready("77", failing.run_id)
+
+    server.simulator.advance_clock(90 * 86_400)  # past the 90 days a run can be read
+    assert client.poll_run("1", running.run_id).state is RunState.EXPIRED
+    with pytest.raises(RunExpiredError, match="90 days"):
+        client.get_run("1", running.run_id)
+
+
+def test_unknown_run_and_segment(client: ActiveCampaignClient) -> None:
+    with pytest.raises(RunExpiredError):
+        client.get_run("1", "744390a5-208e-4c3d-b709-b3c3ea6e5948")
+    with pytest.raises(SegmentNotFoundError, match="no saved segment '404404'"):
+        client.start_run("404404")
+
+
+def test_wait_gives_up_after_its_timeout(server: SimulatorServer, make_client: MakeClient, sleeps: SleepRecorder) -> None:
+    client = make_client(server, clock=sleeps.clock)
+    run = client.start_run("99")
+    with pytest.raises(RunNotReadyError, match="still not ready after 60 s"):
+        client.wait_until_ready("99", run.run_id, timeout=60, poll_interval=1, max_poll_interval=8)
+    assert sleeps.calls[:4] == [1, 1.5, 2.25, 3.375]  # soon after the start, then less often
+    assert max(sleeps.calls) == 8
+
+
+def test_sort_change_mid_read_restarts_from_the_first_page(
+    serve_simulator: ServeSimulator, make_client: MakeClient
+) -> None:
+    server = serve_simulator(ready_after=30.0)
+    # Waiting moves the simulator's clock instead of the test's.
+    client = make_client(server, page_size=1_000, max_concurrent_requests=1, sleep=server.simulator.advance_clock)
+    run = client.start_run("25001", sort="email")
+    first = client.wait_until_ready("25001", run.run_id, sort="email")
+    other = make_client(server)
+    seen = []
+
+    def rekick_once(done: int, last: int) -> None:
+        seen.append(done)
+        if len(seen) == 3:  # someone else asks the same run for another sort, then back
+            other.get_run("25001", run.run_id, sort="-email")
+            other.get_run("25001", run.run_id, sort="email")
+
+    matches = client.fetch_matches("25001", run.run_id, sort="email", first_page=first, on_page=rekick_once)
+    assert matches.restarts == 1
+    assert matches.contact_ids.tolist() == server.simulator.truth("25001", "email")
+
+
+def test_retries_429_honouring_retry_after(
+    serve_simulator: ServeSimulator, make_client: MakeClient, sleeps: SleepRecorder
+) -> None:
+    server = serve_simulator(faults=Faults(burst_429_rate=1.0, burst_429_length=2))
+    server.simulator.set_faults(Faults(burst_429_rate=0.0))
+    server.simulator._burst_left = 2  # the next two requests are answered 429 with Retry-After: 1
+    client = make_client(server, clock=sleeps.clock)
+    assert client.list_segments()
+    assert server.simulator.stats()["by_status"] == {429: 2, 200: 1}
+    assert len(sleeps.calls) == 2
+    assert all(seconds >= 1.0 for seconds in sleeps.calls)
+
+
+def test_account_limit_answers_429_and_the_client_waits_it_out(
+    serve_simulator: ServeSimulator, make_client: MakeClient
+) -> None:
+    server = serve_simulator(requests_per_second=2, retry_after=1)
+    greedy = make_client(server, requests_per_second=50, sleep=__import__("time").sleep)
+    assert fetch(greedy, "25001") == server.simulator.truth("25001")
+    assert server.simulator.stats()["by_status"].get(429, 0) >= 1
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        Faults(error_rate=0.3),
+        Faults(truncate_rate=0.3),
+        Faults(reset_rate=0.3),
+        Faults(error_rate=0.1, truncate_rate=0.1, reset_rate=0.1, burst_429_rate=0.05),
+    ],
+    ids=["5xx", "truncated", "reset", "mixed"],
+)
+def test_transient_faults_are_retried_to_an_exact_list(
+    serve_simulator: ServeSimulator, make_client: MakeClient, faults: Faults
+) -> None:
+    server = serve_simulator(faults=faults, seed=3)
+    client = make_client(server, max_retries=12, page_size=2_000)
+    assert fetch(client, "25001", "last_name") == server.simulator.truth("25001", "last_name")
+    assert sum(server.simulator.stats()["faults_injected"].values()) > 0
+
+
+def test_time_outs_are_retried(serve_simulator: ServeSimulator, make_client: MakeClient) -> None:
+    server = serve_simulator(faults=Faults(slow_rate=0.5, slow_ms=700), seed=1)
+    client = make_client(server, timeout=0.3, max_retries=15)
+    assert fetch(client, "10001") == server.simulator.truth("10001")
+    assert server.simulator.stats()["faults_injected"]["slow"] > 0
+
+
+def test_retry_budget_exhausted_names_the_status(serve_simulator: ServeSimulator, make_client: MakeClient) -> None:
+    server = serve_simulator(faults=Faults(error_rate=1.0))
+    client = make_client(server, max_retries=2)
+    with pytest.raises(APIUnavailableError, match=r"after 3 attempts; the last one: .* answered 50[0234]"):
+        client.start_run("1")
+    assert server.simulator.stats()["requests"] == 3
+
+
+def test_truncated_bodies_that_never_heal_raise_invalid_response(
+    serve_simulator: ServeSimulator, make_client: MakeClient
+) -> None:
+    server = serve_simulator(faults=Faults(truncate_rate=1.0))
+    with pytest.raises(InvalidResponseError, match="not what the contract promises"):
+        make_client(server, max_retries=1).start_run("1")
+
+
+def test_bad_token_fails_at_once_without_retries_or_the_token(
+    server: SimulatorServer, make_client: MakeClient
+) -> None:
+    token = "sekrit-token-0123456789"
+    client = make_client(server, api_key=token)
+    with pytest.raises(AuthenticationError, match="ACTIVECAMPAIGN_API_KEY") as caught:
+        client.start_run("1")
+    assert server.simulator.stats()["requests"] == 1
+    assert token not in str(caught.value) and token not in repr(client)
+
+
+@pytest.mark.parametrize(
+    "segment_id",
+    ["", "a/b", "..", "1/../2", "%2F", "a?b", "a#b", "a\x00b", "a\nb", "１２", "аbc", "x" * 10_000, " 1", 5],
+)
+def test_hostile_ids_are_refused_before_any_request(
+    server: SimulatorServer, client: ActiveCampaignClient, segment_id: str
+) -> None:
+    with pytest.raises(InvalidInputError):
+        client.start_run(segment_id)
+    with pytest.raises(InvalidInputError):
+        client.get_run("1", segment_id)
+    assert server.simulator.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("sort", ["", "name", "id,", "id,id", "-", "--id", "email desc", "score-2", "field", "ID"])
+def test_bad_sorts_are_refused_before_any_request(
+    server: SimulatorServer, client: ActiveCampaignClient, sort: str
+) -> None:
+    with pytest.raises(InvalidInputError, match="sort"):
+        client.start_run("1", sort=sort)
+    assert server.simulator.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("page_size", [0, -1, 10_001, True, 2.5])
+def test_bad_page_sizes_are_refused(server: SimulatorServer, page_size: object) -> None:
+    with pytest.raises(InvalidInputError, match="page size"):
+        ActiveCampaignClient(server.url, "t", page_size=page_size)  # type: ignore[arg-type]
+
+
+def test_redirects_are_not_followed() -> None:
+    def redirect(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": "https://elsewhere.example/steal"})
+
+    with (
+        ActiveCampaignClient("https://acct.api-us1.com", "t0ken", transport=httpx.MockTransport(redirect)) as client,
+        pytest.raises(UnexpectedResponseError, match="redirect to host 'elsewhere.example'.*not followed"),
+    ):
+        client.list_segments()
+
+
+def test_the_api_token_is_sent_in_its_header_and_error_echoes_are_scrubbed() -> None:
+    def echo(request: httpx.Request) -> httpx.Response:
+        token = request.headers["Api-Token"]
+        return httpx.Response(400, json={"errors": [{"title": "Bad", "detail": f"header Api-Token: {token}"}]})
+
+    with ActiveCampaignClient("https://acct.api-us1.com", "t0ken-XYZ", transport=httpx.MockTransport(echo)) as client:
+        with pytest.raises(Exception, match=r"header Api-Token: \[redacted\]") as caught:
+            client.start_run("1")
+    assert "t0ken-XYZ" not in str(caught.value)
+
+
+def test_list_segments_pages_and_treats_404_as_none(
+    serve_simulator: ServeSimulator, make_client: MakeClient
+) -> None:
+    from matchall_dagster.simulator import SimAccount, SimSegment
+
+    many = SimAccount([SimSegment(str(i), f"Segment {i}", i) for i in range(1, 2_501)])
+    client = make_client(serve_simulator(many))
+    assert [s.id for s in client.list_segments(page_size=1_000)] == [str(i) for i in range(1, 2_501)]
+    assert make_client(serve_simulator(SimAccount([]))).list_segments() == []
+
+
+def test_requests_reuse_one_connection(server: SimulatorServer, make_client: MakeClient) -> None:
+    client = make_client(server, max_concurrent_requests=1)
+    ports = set()
+    for _ in range(5):
+        with client._http.stream("GET", "/api/3/audiences") as response:
+            response.read()
+            stream = response.extensions["network_stream"]
+            ports.add(stream.get_extra_info("client_addr")[1])
+    assert len(ports) == 1
