@@ -70,7 +70,9 @@ class _Progress:
 @click.argument("segment_id")
 @click.option("--sort", default=DEFAULT_SORT, show_default=True, help="Sort keys, e.g. 'last_name,-first_name'.")
 @click.option("--run-id", help="Read this existing run instead of starting one.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write; CSV to stdout if absent.")
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write; CSV to stdout if absent."
+)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format; from --output's suffix, else csv.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the run to be ready.")
 def fetch(segment_id: str, sort: str, run_id: str | None, output: Path | None, fmt: str | None, timeout: float) -> None:
@@ -159,9 +161,19 @@ def _fault_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="MATCHALL_SIM_HOST")
 @click.option("--port", default=8765, show_default=True, envvar="MATCHALL_SIM_PORT")
-@click.option("--token", default=DEFAULT_TOKEN, show_default=True, envvar="MATCHALL_SIM_TOKEN", help="The accepted Api-Token.")
-@click.option("--seed", default=0, show_default=True, envvar="MATCHALL_SIM_SEED", help="Seed of the account and the faults.")
-@click.option("--ready-after", default=2.0, show_default=True, envvar="MATCHALL_SIM_READY_AFTER", help="Seconds until a run is ready.")
+@click.option(
+    "--token", default=DEFAULT_TOKEN, show_default=True, envvar="MATCHALL_SIM_TOKEN", help="The accepted Api-Token."
+)
+@click.option(
+    "--seed", default=0, show_default=True, envvar="MATCHALL_SIM_SEED", help="Seed of the account and the faults."
+)
+@click.option(
+    "--ready-after",
+    default=2.0,
+    show_default=True,
+    envvar="MATCHALL_SIM_READY_AFTER",
+    help="Seconds until a run is ready.",
+)
 @click.option(
     "--requests-per-second",
     default=5.0,
@@ -169,8 +181,12 @@ def _fault_options(func: Callable[..., Any]) -> Callable[..., Any]:
     envvar="MATCHALL_SIM_REQUESTS_PER_SECOND",
     help="The account limit; 0 turns it off.",
 )
-@click.option("--retry-after", default=1, show_default=True, envvar="MATCHALL_SIM_RETRY_AFTER", help="Retry-After of 429s.")
-@click.option("--burst-429-retry-after/--no-burst-429-retry-after", default=True, envvar="MATCHALL_SIM_BURST_429_RETRY_AFTER")
+@click.option(
+    "--retry-after", default=1, show_default=True, envvar="MATCHALL_SIM_RETRY_AFTER", help="Retry-After of 429s."
+)
+@click.option(
+    "--burst-429-retry-after/--no-burst-429-retry-after", default=True, envvar="MATCHALL_SIM_BURST_429_RETRY_AFTER"
+)
 @_fault_options
 def simulator(
     host: str,

@@ -76,7 +76,7 @@ _MAX_BODY_BYTES = 32 * 1024 * 1024
 _BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 
 
-class _Retryable(APIUnavailableError):
+class _RetryableError(APIUnavailableError):
     """A failure worth another attempt; `retry_after` is the server's wish, in seconds."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -84,11 +84,11 @@ class _Retryable(APIUnavailableError):
         self.retry_after = retry_after
 
 
-class _InvalidBody(_Retryable, InvalidResponseError):
+class _InvalidBodyError(_RetryableError, InvalidResponseError):
     pass
 
 
-class _ResultSetChanged(RunNotReadyError):
+class _ResultSetChangedError(RunNotReadyError):
     """The run turned not-ready while its pages were read (its sort was changed elsewhere)."""
 
 
@@ -155,7 +155,11 @@ class ActiveCampaignClient:
                 f"requests_per_second must be above 0 and at most 1000, not {requests_per_second!r}; "
                 f"ActiveCampaign allows 5 per account, shared by every process that uses it."
             )
-        if isinstance(max_concurrent_requests, bool) or not isinstance(max_concurrent_requests, int) or not 1 <= max_concurrent_requests <= 64:
+        if (
+            isinstance(max_concurrent_requests, bool)
+            or not isinstance(max_concurrent_requests, int)
+            or not 1 <= max_concurrent_requests <= 64
+        ):
             raise InvalidInputError(f"max_concurrent_requests must be from 1 to 64, not {max_concurrent_requests!r}.")
         self.page_size = validate_page_size(page_size)
         self.requests_per_second = float(requests_per_second)
@@ -174,9 +178,15 @@ class ActiveCampaignClient:
         self._requests_sent = 0
         self._http = httpx.Client(
             base_url=base_url,
-            headers={"Api-Token": api_key, "Accept": "application/json", "User-Agent": f"matchall-dagster/{version('matchall-dagster')}"},
+            headers={
+                "Api-Token": api_key,
+                "Accept": "application/json",
+                "User-Agent": f"matchall-dagster/{version('matchall-dagster')}",
+            },
             timeout=httpx.Timeout(self._timeout),
-            limits=httpx.Limits(max_connections=max_concurrent_requests, max_keepalive_connections=max_concurrent_requests),
+            limits=httpx.Limits(
+                max_connections=max_concurrent_requests, max_keepalive_connections=max_concurrent_requests
+            ),
             follow_redirects=False,  # a redirect could carry the token to another host
             transport=transport,
         )
@@ -368,7 +378,9 @@ class ActiveCampaignClient:
                     filled += page.contact_ids.size
                     if on_page is not None:
                         on_page(page.run.page.current_page, page.run.page.last_page)
-                assert ids is not None and last is not None and filled == ids.size
+                assert ids is not None
+                assert last is not None
+                assert filled == ids.size
                 duplicates = ids.size - np.unique(ids).size
                 if duplicates:
                     raise InconsistentResultError(
@@ -385,7 +397,7 @@ class ActiveCampaignClient:
                     restarts=restart,
                     elapsed_seconds=self._clock() - started,
                 )
-            except (_ResultSetChanged, InconsistentResultError) as exc:
+            except (_ResultSetChangedError, InconsistentResultError) as exc:
                 if restart == max_restarts:
                     raise type(exc)(
                         f"{exc} Gave up after reading the run {max_restarts + 1} times; "
@@ -426,7 +438,7 @@ class ActiveCampaignClient:
     ) -> T:
         """Send one GET through the gate, retrying what is worth it; parse inside the retry."""
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Retryable),
+            retry=tenacity.retry_if_exception_type(_RetryableError),
             stop=tenacity.stop_after_attempt(self._max_retries + 1),
             wait=self._backoff,
             sleep=self._sleep,
@@ -450,9 +462,9 @@ class ActiveCampaignClient:
                     try:
                         return parse(body)
                     except InvalidResponseError as exc:
-                        raise _InvalidBody(str(exc)) from None
-        except _Retryable as exc:
-            error_type = InvalidResponseError if isinstance(exc, _InvalidBody) else APIUnavailableError
+                        raise _InvalidBodyError(str(exc)) from None
+        except _RetryableError as exc:
+            error_type = InvalidResponseError if isinstance(exc, _InvalidBodyError) else APIUnavailableError
             raise error_type(
                 f"Gave up {what} after {self._max_retries + 1} attempts; the last one: {exc} "
                 f"The API is overloaded, rate-limited by another user of the account, or down: "
@@ -463,7 +475,7 @@ class ActiveCampaignClient:
     def _backoff(self, state: tenacity.RetryCallState) -> float:
         backoff = _BACKOFF(state)
         exc = state.outcome.exception() if state.outcome else None
-        retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
+        retry_after = exc.retry_after if isinstance(exc, _RetryableError) else None
         return min(max(backoff, retry_after or 0.0), self._max_retry_wait)
 
     def _send(self, path: str, params: dict[str, str | int], what: str) -> tuple[int, bytes]:
@@ -477,9 +489,9 @@ class ActiveCampaignClient:
             with self._http.stream("GET", path, params=params) as response:
                 body = _read_bounded(response, what)
         except httpx.TimeoutException:
-            raise _Retryable(f"{what} timed out after {self._timeout:g} s.") from None
+            raise _RetryableError(f"{what} timed out after {self._timeout:g} s.") from None
         except httpx.TransportError as exc:
-            raise _Retryable(f"{what} failed on the network ({type(exc).__name__}).") from None
+            raise _RetryableError(f"{what} failed on the network ({type(exc).__name__}).") from None
         status = response.status_code
         if 200 <= status < 300 or status == 404:
             return status, body
@@ -487,7 +499,8 @@ class ActiveCampaignClient:
             retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
             if retry_after is not None:
                 self._pause_all(retry_after)
-            raise _Retryable(f"{what} answered {status} {response.reason_phrase}{self._details(body)}.", retry_after)
+            message = f"{what} answered {status} {response.reason_phrase}{self._details(body)}."
+            raise _RetryableError(message, retry_after)
         if status in (401, 403):
             raise AuthenticationError(
                 f"ActiveCampaign refused the API token ({status}) while {what}. Check "
@@ -508,7 +521,9 @@ class ActiveCampaignClient:
                 f"{what}; not followed, since it would carry the API token elsewhere. Check that "
                 f"ACTIVECAMPAIGN_API_URL is the account's API URL from Settings > Developer."
             )
-        raise UnexpectedResponseError(f"ActiveCampaign answered an unexpected {status} while {what}{self._details(body)}.")
+        raise UnexpectedResponseError(
+            f"ActiveCampaign answered an unexpected {status} while {what}{self._details(body)}."
+        )
 
     def _details(self, body: bytes) -> str:
         """The API's own words about an error, short and with the token scrubbed out."""
@@ -589,7 +604,7 @@ class _Layout:
         if run.has_failed:
             raise _run_failed(self.segment_id, run)
         if not run.is_ready:
-            raise _ResultSetChanged(
+            raise _ResultSetChangedError(
                 f"{where} reads as not ready: the run was started again, most likely because "
                 f"someone asked for it in another sort order."
             )
@@ -618,9 +633,14 @@ def _run_failed(segment_id: str, run: MatchAllRun) -> RunFailedError:
 
 
 def _window_rate(requests_per_second: float) -> Rate:
-    """A window of k requests that never lets more than the limit into any one second."""
-    limit = max(1, math.floor(requests_per_second))
-    return Rate(limit, math.ceil(limit * 1000 / requests_per_second) + _WINDOW_GUARD_MS)
+    """A sliding window that never lets more than the limit into any one second.
+
+    A one-second window holds whole requests, so a fractional limit above 1 rounds down (2.5
+    allows 2 in any second); below 1 it spaces single requests (0.5: one every 2 s).
+    """
+    if requests_per_second >= 1:
+        return Rate(math.floor(requests_per_second), 1000 + _WINDOW_GUARD_MS)
+    return Rate(1, math.ceil(1000 / requests_per_second) + _WINDOW_GUARD_MS)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

@@ -8,8 +8,8 @@ messages are built only from our own words, ids we validated, HTTP status codes 
 from __future__ import annotations
 
 __all__ = [
-    "ActiveCampaignError",
     "APIUnavailableError",
+    "ActiveCampaignError",
     "AuthenticationError",
     "BadRequestError",
     "InconsistentResultError",

@@ -14,7 +14,7 @@ from matchall_dagster.validation import MAX_PAGE_SIZE
 __all__ = ["ActiveCampaignResource"]
 
 
-class ActiveCampaignResource(dg.ConfigurableResource):
+class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
     """ActiveCampaign's Segments Match-All API for one account.
 
     Configure secrets with `EnvVar`, e.g.

@@ -80,7 +80,9 @@ def parse_sort(sort: object, *, allow_bare_field: bool = False) -> tuple[SortKey
     whose meaning is undefined; the simulator accepts it, the client refuses it.
     """
     if not isinstance(sort, str):
-        raise InvalidInputError(f"The sort must be a string such as 'id' or 'last_name,-first_name', not {type(sort).__name__}.")
+        raise InvalidInputError(
+            f"The sort must be a string such as 'id' or 'last_name,-first_name', not {type(sort).__name__}."
+        )
     if not sort:
         raise InvalidInputError("The sort is empty; leave it out to sort by 'id', or give keys such as 'email,-cdate'.")
     keys: list[SortKey] = []
@@ -116,9 +118,7 @@ def validate_page(page: object, what: str = "page") -> int:
 
 def validate_page_size(page_size: object) -> int:
     if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise InvalidInputError(
-            f"The page size must be a whole number from 1 to {MAX_PAGE_SIZE:,}, not {page_size!r}."
-        )
+        raise InvalidInputError(f"The page size must be a whole number from 1 to {MAX_PAGE_SIZE:,}, not {page_size!r}.")
     return page_size
 
 

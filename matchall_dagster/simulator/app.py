@@ -30,7 +30,7 @@ from matchall_dagster.errors import InvalidInputError
 from matchall_dagster.simulator.account import Behavior, SimAccount, SimSegment
 from matchall_dagster.validation import MAX_PAGE_SIZE, parse_sort, validate_id
 
-DEFAULT_TOKEN = "simulator-token"
+DEFAULT_TOKEN = "simulator-token"  # noqa: S105  # the simulator's public demo token, not a secret
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SimRun:
     ready_at: float
 
 
-class _InjectedReset(Exception):
+class _InjectedResetError(Exception):
     """Raised after half a body was sent, so that the server drops the connection."""
 
 
@@ -84,7 +84,7 @@ class _ResetResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
-        raise _InjectedReset("injected connection reset")
+        raise _InjectedResetError("injected connection reset")
 
 
 def _iso(epoch: float) -> str:
@@ -108,7 +108,7 @@ def _error(
     return JSONResponse({"errors": [error]}, status_code=status, headers=headers)
 
 
-class _BadParameter(Exception):
+class _BadParameterError(Exception):
     def __init__(self, name: str, detail: str) -> None:
         super().__init__(detail)
         self.name = name
@@ -121,9 +121,9 @@ def _int_param(request: Request, name: str, default: int) -> int:
     try:
         number = float(raw)
     except ValueError:
-        raise _BadParameter(name, f"{name} must be an integer, not {raw[:40]!r}") from None
+        raise _BadParameterError(name, f"{name} must be an integer, not {raw[:40]!r}") from None
     if not math.isfinite(number) or not number.is_integer() or abs(number) > 2**31:
-        raise _BadParameter(name, f"{name} must be an integer, not {raw[:40]!r}")
+        raise _BadParameterError(name, f"{name} must be an integer, not {raw[:40]!r}")
     return int(number)
 
 
@@ -136,7 +136,7 @@ class Simulator:
         self.faults = self.config.faults
         self.runs: dict[str, SimRun] = {}
         self._clock_offset = 0.0
-        self._rng = random.Random(self.config.seed)
+        self._rng = random.Random(self.config.seed)  # noqa: S311  # reproducible faults, not secrets
         self._lock = threading.Lock()
         self._admitted: deque[float] = deque()
         self._burst_left = 0
@@ -249,7 +249,9 @@ class Simulator:
             ]
         )
 
-    def _api_endpoint(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def _api_endpoint(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         """Wrap an API handler in what every API call meets: the limit, auth, and faults."""
 
         async def endpoint(request: Request) -> Response:
@@ -257,7 +259,7 @@ class Simulator:
             if response is None:
                 try:
                     response = await handler(request)
-                except _BadParameter as exc:
+                except _BadParameterError as exc:
                     response = _error(400, "Invalid parameter", str(exc), f"/{exc.name}")
                 response = await self._inject_body_fault(response)
             with self._lock:
@@ -308,8 +310,8 @@ class Simulator:
         rate = self.config.requests_per_second
         if rate <= 0:
             return False
-        limit = max(1, math.floor(rate))
-        window = limit / rate
+        # Whole requests in any one second (as the client counts them); below 1/s, one per 1/rate s.
+        limit, window = (math.floor(rate), 1.0) if rate >= 1 else (1, 1 / rate)
         while self._admitted and self._admitted[0] <= arrival - window:
             self._admitted.popleft()
         if len(self._admitted) >= limit:
@@ -345,7 +347,7 @@ class Simulator:
         try:
             parse_sort(sort, allow_bare_field=True)
         except InvalidInputError as exc:
-            raise _BadParameter("sort", str(exc)) from None
+            raise _BadParameterError("sort", str(exc)) from None
         return sort
 
     def _paging(self, request: Request) -> tuple[int, int]:
@@ -353,7 +355,7 @@ class Simulator:
         page = max(1, _int_param(request, "page", 1))
         page_size = _int_param(request, "page_size", 20)
         if page_size > MAX_PAGE_SIZE:
-            raise _BadParameter("page_size", f"page_size must be at most {MAX_PAGE_SIZE}, not {page_size}")
+            raise _BadParameterError("page_size", f"page_size must be at most {MAX_PAGE_SIZE}, not {page_size}")
         return page, page_size if page_size >= 1 else 20
 
     async def _start(self, request: Request) -> Response:

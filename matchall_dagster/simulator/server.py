@@ -10,14 +10,14 @@ from types import TracebackType
 
 import uvicorn
 
-from matchall_dagster.simulator.app import Simulator, _InjectedReset
+from matchall_dagster.simulator.app import Simulator, _InjectedResetError
 
 
 class _HideInjectedResets(logging.Filter):
     """Injected resets are the point, not a server error; keep them out of the logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _InjectedReset))
+        return not (record.exc_info and isinstance(record.exc_info[1], _InjectedResetError))
 
 
 def _config(simulator: Simulator, log_level: str) -> uvicorn.Config:
@@ -71,5 +71,7 @@ class SimulatorServer:
     def __enter__(self) -> SimulatorServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

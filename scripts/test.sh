@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, format, types, then pytest (extra arguments go to pytest).
+source "$(dirname "$0")/_setup.sh"
+echo "== ruff" && ruff check . && ruff format --check .
+echo "== mypy" && mypy
+echo "== pytest" && python -m pytest "$@"
