@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -39,9 +40,9 @@ def _client_from_env() -> ActiveCampaignClient:
     missing = [name for name, value in (("ACTIVECAMPAIGN_API_URL", url), ("ACTIVECAMPAIGN_API_KEY", key)) if not value]
     if missing:
         raise InvalidInputError(
-            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set them to the "
-            f"account's API URL and key (ActiveCampaign: Settings > Developer), or to a simulator's "
-            f"(`matchall simulator` prints both)."
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set "
+            f"ACTIVECAMPAIGN_API_URL and ACTIVECAMPAIGN_API_KEY to the account's API URL and key "
+            f"(ActiveCampaign: Settings > Developer), or to a simulator's (`matchall simulator` prints both)."
         )
     return ActiveCampaignClient(url, key)
 
@@ -110,6 +111,8 @@ def fetch(segment_id: str, sort: str, run_id: str | None, output: Path | None, f
         _fail(str(exc))
     except OSError as exc:
         progress.done()
+        if output is None:
+            _fail(f"Could not write to stdout: {exc.strerror or exc}. The list there is incomplete; use --output PATH.")
         _fail(f"Could not write {output}: {exc.strerror or exc}. Nothing was written there; check the path.")
     click.echo(
         f"Wrote {matches.total:,} contacts of segment {segment_id} (run {run_id}, sort {sort}) "
@@ -125,7 +128,8 @@ def segments() -> None:
         with _client_from_env() as client:
             for segment in client.list_segments():
                 size = "" if segment.last_total is None else str(segment.last_total)
-                click.echo(f"{segment.id}\t{size}\t{segment.name}")
+                name = "".join(c if c.isprintable() else " " for c in segment.name)  # one line each
+                click.echo(f"{segment.id}\t{size}\t{name}")
     except ActiveCampaignError as exc:
         _fail(str(exc))
 
@@ -266,6 +270,13 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     directory = path.resolve().parent
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
     try:
+        try:  # mkstemp makes the file 0600: keep an existing file's mode, else what open() would give
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(handle, mode)
         with os.fdopen(handle, "wb") as stream:
             yield stream
             stream.flush()

@@ -1,0 +1,515 @@
+"""The `matchall` command against the simulator over real HTTP: exact lists, clean failures."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import functools
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from matchall_dagster import ActiveCampaignClient
+from matchall_dagster import cli as cli_module
+from matchall_dagster.cli import main
+from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimulatorServer
+from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, make_account
+
+MakeClient = Callable[..., ActiveCampaignClient]
+
+HEADER = ["position", "contact_id"]
+OLD_BYTES = b"position,contact_id\n1,42\n"  # what a pre-existing --output file holds
+EXISTING = {"fresh": None, "existing": OLD_BYTES}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def api_env(server: SimulatorServer, key: str | None = DEFAULT_TOKEN) -> dict[str, str | None]:
+    return {"ACTIVECAMPAIGN_API_URL": server.url, "ACTIVECAMPAIGN_API_KEY": key}
+
+
+def run_cli(args: list[str], env: Mapping[str, str | None]) -> Result:
+    # click >= 8.2 always keeps stderr apart: result.stdout is stdout alone, result.stderr stderr alone.
+    return CliRunner().invoke(main, args, env=dict(env))
+
+
+def rows_of_csv(text: str) -> list[tuple[int, int]]:
+    assert text.startswith("position,contact_id\n")  # the header, unquoted
+    reader = csv.reader(io.StringIO(text, newline=""))
+    assert next(reader) == HEADER
+    rows = []
+    for row in reader:
+        assert len(row) == 2
+        rows.append((int(row[0]), int(row[1])))
+    return rows
+
+
+def rows_of_parquet(path: Path) -> list[tuple[int, int]]:
+    table = pq.read_table(path)
+    assert table.column_names == HEADER
+    assert table.schema.field("position").type == pa.int64()
+    assert table.schema.field("contact_id").type == pa.int64()
+    return list(zip(table.column("position").to_pylist(), table.column("contact_id").to_pylist(), strict=True))
+
+
+def rows_of_jsonl(path: Path) -> list[tuple[int, int]]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    rows = []
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert list(record) == HEADER
+        assert all(type(value) is int for value in record.values())
+        rows.append((record["position"], record["contact_id"]))
+    return rows
+
+
+def rows_of_file(path: Path, fmt: str) -> list[tuple[int, int]]:
+    if fmt == "csv":
+        return rows_of_csv(path.read_text())
+    if fmt == "parquet":
+        return rows_of_parquet(path)
+    return rows_of_jsonl(path)
+
+
+def assert_exact(rows: list[tuple[int, int]], truth: list[int]) -> None:
+    assert [position for position, _ in rows] == list(range(1, len(truth) + 1))
+    assert [contact_id for _, contact_id in rows] == truth
+
+
+def assert_succeeded(result: Result, total: int, segment_id: str, where: str) -> None:
+    assert result.exit_code == 0, result.stderr
+    assert result.exception is None
+    assert f"Wrote {total:,} contacts of segment {segment_id} " in result.stderr
+    assert f" to {where} in " in result.stderr
+    assert DEFAULT_TOKEN not in result.stdout + result.stderr
+
+
+def prepare(directory: Path, existing: bytes | None, name: str = "members.csv") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    if existing is not None:
+        target.write_bytes(existing)
+    return target
+
+
+def assert_failed_cleanly(
+    result: Result, expect: str | tuple[str, ...], directory: Path | None, existing: bytes | None, *secrets: str
+) -> None:
+    """Non-zero exit, one `Error: ...` paragraph on stderr, nothing on stdout, the directory as it was
+    (holding `members.csv` with `existing` bytes, or nothing, and no temporary `.partial` file)."""
+    assert result.exit_code not in (0, None)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: "), result.stderr
+    assert result.stderr.endswith("\n"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one paragraph
+    assert "Traceback" not in result.stderr
+    for fragment in (expect,) if isinstance(expect, str) else expect:  # what happened, and what to do
+        assert fragment in result.stderr, result.stderr
+    for secret in (DEFAULT_TOKEN, *secrets):
+        assert secret not in result.stdout
+        assert secret not in result.stderr
+    if directory is not None and directory.is_dir():
+        names = sorted(path.name for path in directory.iterdir())
+        assert not [name for name in names if name.endswith(".partial")], names
+        if existing is None:
+            assert names == []
+        else:
+            assert names == ["members.csv"]
+            assert (directory / "members.csv").read_bytes() == existing
+
+
+# -- complete lists -------------------------------------------------------------------------------
+
+SEGMENTS = ["100", "1", "10001", "25001", UUID_SEGMENT]  # 0, 1, 10,001, 25,001 and 12,345 members
+OUTPUTS = ["stdout", "csv", "parquet", "jsonl"]
+
+
+def fetch_to(
+    server: SimulatorServer, tmp_path: Path, segment_id: str, sort: str, output: str, extra: list[str] | None = None
+) -> list[tuple[int, int]]:
+    """Run `matchall fetch` to stdout or a file of the given format; return its rows."""
+    args = ["fetch", segment_id, "--sort", sort, *(extra or [])]
+    if output == "stdout":
+        result = run_cli(args, api_env(server))
+        total = len(server.simulator.truth(segment_id, sort))
+        assert_succeeded(result, total, segment_id, "stdout")
+        return rows_of_csv(result.stdout)
+    target = tmp_path / "out" / f"members.{output}"
+    target.parent.mkdir(exist_ok=True)
+    result = run_cli([*args, "--output", str(target), "--format", output], api_env(server))
+    total = len(server.simulator.truth(segment_id, sort))
+    assert_succeeded(result, total, segment_id, str(target))
+    assert result.stdout == ""
+    assert sorted(path.name for path in target.parent.iterdir()) == [target.name]  # no temporary left behind
+    return rows_of_file(target, output)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("segment_id", SEGMENTS)
+def test_fetch_writes_the_exact_list_in_every_format(
+    server: SimulatorServer, tmp_path: Path, segment_id: str, output: str
+) -> None:
+    rows = fetch_to(server, tmp_path, segment_id, "id", output)
+    assert_exact(rows, server.simulator.truth(segment_id, "id"))
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("sort", ["-id", "email", "last_name,-first_name", "score2", "-field9,cdate"])
+def test_fetch_keeps_the_order_of_every_sort(server: SimulatorServer, tmp_path: Path, sort: str, output: str) -> None:
+    rows = fetch_to(server, tmp_path, "25001", sort, output)
+    truth = server.simulator.truth("25001", sort)
+    assert truth != server.simulator.truth("25001", "id")  # the sort really reorders
+    assert_exact(rows, truth)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("members.parquet", "parquet"), ("members.JSONL", "jsonl"), ("members.csv", "csv"), ("members.txt", "csv")],
+)
+def test_format_follows_the_output_suffix(server: SimulatorServer, tmp_path: Path, name: str, expected: str) -> None:
+    target = tmp_path / name
+    result = run_cli(["fetch", "10001", "--output", str(target)], api_env(server))
+    assert_succeeded(result, 10_001, "10001", str(target))
+    assert_exact(rows_of_file(target, expected), server.simulator.truth("10001"))
+
+
+def test_explicit_format_wins_over_the_suffix(server: SimulatorServer, tmp_path: Path) -> None:
+    target = tmp_path / "members.csv"
+    result = run_cli(["fetch", "1", "--output", str(target), "--format", "jsonl"], api_env(server))
+    assert_succeeded(result, 1, "1", str(target))
+    assert_exact(rows_of_jsonl(target), server.simulator.truth("1"))
+
+
+def test_fetch_replaces_an_existing_output_file(server: SimulatorServer, tmp_path: Path) -> None:
+    target = prepare(tmp_path / "out", OLD_BYTES)
+    result = run_cli(["fetch", "10001", "--output", str(target)], api_env(server))
+    assert_succeeded(result, 10_001, "10001", str(target))
+    assert_exact(rows_of_csv(target.read_text()), server.simulator.truth("10001"))
+    assert [path.name for path in target.parent.iterdir()] == ["members.csv"]
+
+
+@pytest.mark.parametrize("output", ["stdout", "parquet"])
+def test_run_id_reads_an_existing_ready_run_without_starting_another(
+    server: SimulatorServer, client: ActiveCampaignClient, tmp_path: Path, output: str
+) -> None:
+    run = client.start_run(UUID_SEGMENT, sort="last_name,-first_name")
+    runs_before = set(server.simulator.runs)
+    rows = fetch_to(server, tmp_path, UUID_SEGMENT, "last_name,-first_name", output, ["--run-id", run.run_id])
+    assert_exact(rows, server.simulator.truth(UUID_SEGMENT, "last_name,-first_name"))
+    assert set(server.simulator.runs) == runs_before  # no new run was started
+
+
+# -- failures: non-zero, one clear paragraph, never a file ----------------------------------------
+
+
+def failure_case(
+    case: str, server: SimulatorServer, client: ActiveCampaignClient
+) -> tuple[list[str], dict[str, str | None], tuple[str, ...], tuple[str, ...]]:
+    """(fetch arguments, environment, what stderr must say, secrets that must not show) of a case."""
+    env = api_env(server)
+    if case == "failed run":
+        return ["77"], env, ("failed: it ended at", "Start a new run"), ()
+    if case == "expired run":
+        run = client.start_run("10001")
+        server.simulator.advance_clock(91 * 86_400)
+        return ["10001", "--run-id", run.run_id], env, ("90 days after they start", "Start a new run."), ()
+    if case == "unknown run":
+        return (
+            ["10001", "--run-id", "744390a5-208e-4c3d-b709-b3c3ea6e5948"],
+            env,
+            ("is gone (404", "Start a new run."),
+            (),
+        )
+    if case == "unknown segment":
+        return ["404404"], env, ("no saved segment '404404'", "Check the id under Contacts > Segments"), ()
+    if case == "bad token":
+        secret = "sekrit-token-0123456789-ZQX"
+        return (
+            ["1"],
+            api_env(server, secret),
+            ("refused the API token (403)", "Check ACTIVECAMPAIGN_API_KEY"),
+            (secret,),
+        )
+    if case == "bad sort":
+        return (
+            ["1", "--sort", "email desc"],
+            env,
+            ("The sort 'email desc'", "Use comma-separated keys without spaces"),
+            (),
+        )
+    if case == "hostile segment id":
+        return ["../x"], env, ("The segment id '../x' is not a valid", "Copy the id again"), ()
+    if case == "hostile run id":
+        return (
+            ["1", "--run-id", "../../audiences"],
+            env,
+            ("The run id '../../audiences' is not a valid", "Copy the id again"),
+            (),
+        )
+    if case == "no env":
+        unset: dict[str, str | None] = {"ACTIVECAMPAIGN_API_URL": None, "ACTIVECAMPAIGN_API_KEY": None}
+        return ["1"], unset, ("ACTIVECAMPAIGN_API_URL and ACTIVECAMPAIGN_API_KEY are not set", "to the account's API URL and key"), ()
+    if case == "no url":
+        return (
+            ["1"],
+            api_env(server) | {"ACTIVECAMPAIGN_API_URL": None},
+            ("ACTIVECAMPAIGN_API_URL is not set", "to the account's API URL and key"),
+            (),
+        )
+    if case == "empty key":
+        return ["1"], api_env(server, ""), ("ACTIVECAMPAIGN_API_KEY is not set", "to the account's API URL and key"), ()
+    if case == "url with a path":
+        url = f"{server.url}/api/3"
+        return ["1"], env | {"ACTIVECAMPAIGN_API_URL": url}, ("has a path", "give the account's base URL only"), ()
+    raise AssertionError(case)
+
+
+FAILURES = [
+    "failed run",
+    "expired run",
+    "unknown run",
+    "unknown segment",
+    "bad token",
+    "bad sort",
+    "hostile segment id",
+    "hostile run id",
+    "no env",
+    "no url",
+    "empty key",
+    "url with a path",
+]
+
+
+@pytest.mark.parametrize("existing", EXISTING.values(), ids=EXISTING.keys())
+@pytest.mark.parametrize("case", FAILURES)
+def test_failures_exit_non_zero_with_one_clear_error_and_no_file(
+    server: SimulatorServer, client: ActiveCampaignClient, tmp_path: Path, case: str, existing: bytes | None
+) -> None:
+    args, env, expect, secrets = failure_case(case, server, client)
+    target = prepare(tmp_path / "out", existing)
+    result = run_cli(["fetch", *args, "--output", str(target)], env)
+    assert_failed_cleanly(result, expect, target.parent, existing, *secrets)
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_failures_write_nothing_to_stdout(server: SimulatorServer, client: ActiveCampaignClient, case: str) -> None:
+    args, env, expect, secrets = failure_case(case, server, client)
+    result = run_cli(["fetch", *args], env)
+    assert_failed_cleanly(result, expect, None, None, *secrets)
+
+
+@pytest.mark.parametrize(
+    ("case", "args"),
+    [
+        ("bad sort", ["1", "--sort", "name"]),
+        ("bad sort", ["1", "--sort", "id,id"]),
+        ("bad sort", ["1", "--sort", "ID"]),
+        ("hostile segment id", ["../x"]),
+        ("hostile segment id", ["1/../2"]),
+        ("hostile segment id", ["%2F"]),
+        ("hostile segment id", ["a b"]),
+        ("hostile run id", ["1", "--run-id", "a/../b"]),
+    ],
+)
+def test_bad_input_is_refused_before_any_request(server: SimulatorServer, case: str, args: list[str]) -> None:
+    result = run_cli(["fetch", *args], api_env(server))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ")
+    assert result.stdout == ""
+    assert ("sort" if case == "bad sort" else "id") in result.stderr
+    assert server.simulator.stats()["requests"] == 0
+
+
+def test_bad_token_is_not_retried_and_never_shown(server: SimulatorServer, tmp_path: Path) -> None:
+    secret = "sekrit-token-0123456789-ZQX"
+    result = run_cli(["fetch", "1"], api_env(server, secret))
+    assert_failed_cleanly(result, "Check ACTIVECAMPAIGN_API_KEY", tmp_path, None, secret)
+    assert server.simulator.stats()["requests"] == 1
+
+
+@pytest.mark.parametrize("existing", EXISTING.values(), ids=EXISTING.keys())
+def test_run_of_a_segment_that_expires_early_fails_cleanly(
+    server: SimulatorServer, client: ActiveCampaignClient, tmp_path: Path, existing: bytes | None
+) -> None:
+    # Segment "88" forgets its runs 60 s after they start: a read by --run-id a minute later fails
+    # although the run had been ready.
+    run = client.start_run("88")
+    server.simulator.advance_clock(61)
+    target = prepare(tmp_path / "out", existing)
+    result = run_cli(["fetch", "88", "--run-id", run.run_id, "--output", str(target)], api_env(server))
+    assert_failed_cleanly(result, "Start a new run", target.parent, existing)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_non_csv_format_without_output_is_refused(server: SimulatorServer, fmt: str) -> None:
+    result = run_cli(["fetch", "1", "--format", fmt], api_env(server))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"Error: --format {fmt} writes binary or line data; give --output PATH for it (stdout takes csv only).\n"
+    )
+    assert server.simulator.stats()["requests"] == 0  # refused before anything was fetched
+
+
+# -- unwritable outputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["missing directory", "parent is a file", "read-only directory"])
+def test_unwritable_output_directory_fails_cleanly(server: SimulatorServer, tmp_path: Path, where: str) -> None:
+    existing: bytes | None = None
+    if where == "missing directory":
+        directory = tmp_path / "missing"
+    elif where == "parent is a file":
+        (tmp_path / "a-file").write_text("not a directory\n")
+        directory = tmp_path / "a-file"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root may write into a read-only directory")
+        directory = tmp_path / "read-only"
+        existing = OLD_BYTES
+        prepare(directory, existing)
+        directory.chmod(0o555)
+    target = directory / "members.csv"
+    try:
+        result = run_cli(["fetch", "10001", "--output", str(target)], api_env(server))
+    finally:
+        if directory.is_dir():
+            directory.chmod(0o755)
+    assert_failed_cleanly(result, f"Could not write {target}: ", directory, existing)
+    assert "check the path" in result.stderr
+    assert not (tmp_path / "missing").exists()
+    if where == "parent is a file":
+        assert (tmp_path / "a-file").read_text() == "not a directory\n"
+
+
+def test_output_that_is_a_directory_is_refused(server: SimulatorServer, tmp_path: Path) -> None:
+    (tmp_path / "members.csv").mkdir()
+    result = run_cli(["fetch", "1", "--output", str(tmp_path / "members.csv")], api_env(server))
+    assert result.exit_code == 2  # click's usage error
+    assert "Error: Invalid value for '--output'" in result.stderr
+    assert "is a directory" in result.stderr
+    assert result.stdout == ""
+    assert list((tmp_path / "members.csv").iterdir()) == []
+    assert server.simulator.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("existing", EXISTING.values(), ids=EXISTING.keys())
+def test_a_write_failing_half_way_leaves_no_partial_file(
+    server: SimulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bytes | None
+) -> None:
+    def disk_full(table: pa.Table, sink: Any, options: Any = None) -> None:
+        sink.write(b"position,contact_id\n1,")  # half a file on disk, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pa_csv, "write_csv", disk_full)  # the module cli.py writes through
+    target = prepare(tmp_path / "out", existing)
+    result = run_cli(["fetch", "10001", "--output", str(target)], api_env(server))
+    assert_failed_cleanly(result, f"Could not write {target}: No space left on device", target.parent, existing)
+
+
+# -- segments -------------------------------------------------------------------------------------
+
+
+def test_segments_prints_one_tab_separated_line_per_segment(server: SimulatorServer) -> None:
+    result = run_cli(["segments"], api_env(server))
+    assert result.exit_code == 0, result.stderr
+    expected = [f"{segment.id}\t{segment.size}\t{segment.name}" for segment in make_account().segments]
+    assert result.stdout.splitlines() == expected
+    assert all(line.count("\t") == 2 for line in result.stdout.splitlines())
+    assert result.stdout.endswith("\n")
+    assert DEFAULT_TOKEN not in result.stdout + result.stderr
+
+
+def test_segments_of_an_account_without_any_prints_nothing(serve_simulator: ServeSimulator) -> None:
+    result = run_cli(["segments"], api_env(serve_simulator(SimAccount([]))))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["bad token", "no env"])
+def test_segments_failures_are_clean(server: SimulatorServer, tmp_path: Path, case: str) -> None:
+    secret = "sekrit-token-0123456789-ZQX"
+    env = api_env(server, secret if case == "bad token" else None)
+    expect = "refused the API token (403)" if case == "bad token" else "ACTIVECAMPAIGN_API_KEY is not set"
+    result = run_cli(["segments"], env)
+    assert_failed_cleanly(result, expect, tmp_path, None, secret)
+
+
+# -- the installed entry point --------------------------------------------------------------------
+
+
+def test_installed_console_script_fetches_over_real_http(server: SimulatorServer) -> None:
+    script = Path(sys.executable).with_name("matchall")
+    assert script.is_file(), f"the `matchall` console script is not installed next to {sys.executable}"
+    env = {**os.environ, "ACTIVECAMPAIGN_API_URL": server.url, "ACTIVECAMPAIGN_API_KEY": DEFAULT_TOKEN}
+    completed = subprocess.run(
+        [str(script), "fetch", "25001", "--sort", "-email"], env=env, capture_output=True, timeout=120, check=False
+    )
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 0, stderr
+    assert_exact(rows_of_csv(completed.stdout.decode()), server.simulator.truth("25001", "-email"))
+    assert "Wrote 25,001 contacts of segment 25001 " in stderr
+    assert "sort -email) to stdout" in stderr
+    assert DEFAULT_TOKEN.encode() not in completed.stdout + completed.stderr
+
+
+# -- file modes, unsendable keys, and a failing stdout ----
+
+
+@pytest.mark.parametrize("existing", [None, 0o640], ids=["new file", "existing file"])
+def test_written_file_gets_ordinary_permissions(server: SimulatorServer, tmp_path: Path, existing: int | None) -> None:
+    target = tmp_path / "members.csv"
+    reference = tmp_path / "reference"
+    reference.touch()  # what any program's new file gets under this umask
+    if existing is not None:
+        target.write_bytes(OLD_BYTES)
+        target.chmod(existing)
+    expected = existing if existing is not None else stat.S_IMODE(reference.stat().st_mode)
+    result = run_cli(["fetch", "1", "--output", str(target)], api_env(server))
+    assert result.exit_code == 0, result.stderr
+    assert oct(stat.S_IMODE(target.stat().st_mode)) == oct(expected)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["s\u00e9krit-t\u00f6ken-0123", "sekrit-token-0123\n", " sekrit-token-0123", "sekrit-token-0123\r"],
+    ids=["non-ascii", "trailing newline", "leading space", "trailing CR"],
+)
+def test_api_key_that_cannot_be_sent_is_refused_clearly(
+    server: SimulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    # Without retries the current behaviour shows at once instead of after ~33 s of backoff.
+    monkeypatch.setattr(cli_module, "ActiveCampaignClient", functools.partial(ActiveCampaignClient, max_retries=0))
+    target = prepare(tmp_path / "out", OLD_BYTES)
+    result = run_cli(["fetch", "1", "--output", str(target)], api_env(server, key))
+    assert_failed_cleanly(result, "ACTIVECAMPAIGN_API_KEY", target.parent, OLD_BYTES, key, key.strip())
+    assert "overloaded" not in result.stderr
+    assert server.simulator.stats()["requests"] == 0
+
+
+def test_failed_write_to_stdout_names_stdout(
+    server: SimulatorServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def disk_full(table: pa.Table, sink: Any, options: Any = None) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pa_csv, "write_csv", disk_full)  # the module cli.py writes through
+    result = run_cli(["fetch", "1"], api_env(server))
+    assert_failed_cleanly(result, "No space left on device", tmp_path, None)
+    assert "None" not in result.stderr
+    assert "stdout" in result.stderr
