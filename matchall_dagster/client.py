@@ -149,8 +149,9 @@ class ActiveCampaignClient:
         if not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
             # Say what is wrong with the key, never what it is.
             raise InvalidInputError(
-                "The API key (ACTIVECAMPAIGN_API_KEY) holds spaces, line breaks or non-ASCII characters, so it cannot be sent "
-                "as a header; copy it again from Settings > Developer, without surrounding whitespace."
+                "The API key (ACTIVECAMPAIGN_API_KEY) holds spaces, line breaks or non-ASCII characters, so "
+                "it cannot be sent as a header; copy it again from Settings > Developer, without surrounding "
+                "whitespace."
             )
         if not (isinstance(timeout, int | float) and timeout > 0):
             raise InvalidInputError(f"The request timeout must be a positive number of seconds, not {timeout!r}.")

@@ -263,7 +263,12 @@ def failure_case(
         )
     if case == "no env":
         unset: dict[str, str | None] = {"ACTIVECAMPAIGN_API_URL": None, "ACTIVECAMPAIGN_API_KEY": None}
-        return ["1"], unset, ("ACTIVECAMPAIGN_API_URL and ACTIVECAMPAIGN_API_KEY are not set", "to the account's API URL and key"), ()
+        return (
+            ["1"],
+            unset,
+            ("ACTIVECAMPAIGN_API_URL and ACTIVECAMPAIGN_API_KEY are not set", "to the account's API URL and key"),
+            (),
+        )
     if case == "no url":
         return (
             ["1"],
