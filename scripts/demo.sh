@@ -11,4 +11,6 @@ sim_pid=$!
 trap 'kill $sim_pid 2>/dev/null || true' EXIT
 export ACTIVECAMPAIGN_API_URL="http://127.0.0.1:$SIM_PORT"
 export ACTIVECAMPAIGN_API_KEY="${MATCHALL_SIM_TOKEN:-simulator-token}"
-dagster dev -w workspace.yaml -h 127.0.0.1 -p "${DAGSTER_PORT:-3000}"
+# From DAGSTER_HOME, so that Dagster does not warn about the repository's dagster.yaml.
+cd "$DAGSTER_HOME"
+dagster dev -w "$ROOT/workspace.yaml" -h 127.0.0.1 -p "${DAGSTER_PORT:-3000}"
