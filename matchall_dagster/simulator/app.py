@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import threading
 import time
 import uuid
@@ -116,15 +117,12 @@ class _BadParameterError(Exception):
 
 def _int_param(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        number = float(raw)
-    except ValueError:
-        raise _BadParameterError(name, f"{name} must be an integer, not {raw[:40]!r}") from None
-    if not math.isfinite(number) or not number.is_integer() or abs(number) > 2**31:
+    # Whole numbers only, within the int32 the answer's PageDO can echo.
+    if not re.fullmatch(r"-?[0-9]{1,10}", raw) or not -(2**31) <= int(raw) < 2**31:
         raise _BadParameterError(name, f"{name} must be an integer, not {raw[:40]!r}")
-    return int(number)
+    return int(raw)
 
 
 class Simulator:
@@ -272,10 +270,13 @@ class Simulator:
         """Count the request, then answer it early if the limit, the token or a fault says so."""
         arrival = time.monotonic()
         faults = self.faults
+        authorised = request.headers.get("api-token") == self.config.api_token
         with self._lock:
             self._arrivals.append(arrival)
             limited = self._over_limit(arrival)
-            in_burst = self._burst_left > 0 or (faults.burst_429_rate and self._rng.random() < faults.burst_429_rate)
+            in_burst = authorised and (
+                self._burst_left > 0 or (faults.burst_429_rate and self._rng.random() < faults.burst_429_rate)
+            )
             if in_burst and not limited:
                 self._burst_left = (self._burst_left or faults.burst_429_length) - 1
                 self._injected["429_burst"] += 1
@@ -287,11 +288,11 @@ class Simulator:
         if limited:
             headers = {
                 "Retry-After": str(self.config.retry_after),
-                "RateLimit-Limit": str(math.floor(self.config.requests_per_second)),
+                "RateLimit-Limit": str(max(1, math.floor(self.config.requests_per_second))),
                 "RateLimit-Remaining": "0",
             }
             return _error(429, "Too Many Requests", "The account's request limit was exceeded.", headers=headers)
-        if request.headers.get("api-token") != self.config.api_token:
+        if not authorised:
             await asyncio.sleep(delay / 1000)
             return _error(403, "Forbidden", "You do not have permission to access this resource.")
         if delay:
@@ -343,7 +344,7 @@ class Simulator:
         return self.account.segment(segment_id)
 
     def _sort(self, request: Request) -> str:
-        sort = request.query_params.get("sort") or "id"
+        sort = request.query_params.get("sort", "id")
         try:
             parse_sort(sort, allow_bare_field=True)
         except InvalidInputError as exc:
@@ -367,7 +368,10 @@ class Simulator:
         run = self.start_run(segment, sort)
         if "instant" not in request.query_params:
             # Without `instant` the API waits up to 4 s and may answer with the first page.
-            await asyncio.sleep(max(0.0, min(4.0, run.ready_at - self.now())))
+            # Timers may fire early (uvloop's are whole milliseconds): wait on the clock itself.
+            deadline = min(run.ready_at, run.started_at + 4.0)
+            while (left := deadline - self.now()) > 0:
+                await asyncio.sleep(left)
         return JSONResponse(self._run_body(run, page, page_size))
 
     async def _result_set(self, request: Request) -> Response:
