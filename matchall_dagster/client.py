@@ -374,19 +374,19 @@ class ActiveCampaignClient:
             try:
                 ids: ContactIds | None = None
                 filled = 0
-                last = first_page
+                record: MatchAllRun | None = None  # the run as its first page describes it
                 for page in self.iter_pages(segment_id, run_id, sort=sort, first_page=first_page):
                     pages_read += 1
                     assert page.run.page is not None
                     if ids is None:
                         ids = np.empty(page.run.page.total, dtype=np.int64)
-                        last = page.run
+                        record = page.run
                     ids[filled : filled + page.contact_ids.size] = page.contact_ids
                     filled += page.contact_ids.size
                     if on_page is not None:
                         on_page(page.run.page.current_page, page.run.page.last_page)
                 assert ids is not None
-                assert last is not None
+                assert record is not None
                 assert filled == ids.size
                 duplicates = ids.size - np.unique(ids).size
                 if duplicates:
@@ -397,7 +397,7 @@ class ActiveCampaignClient:
                 return MatchList(
                     segment_id=segment_id,
                     sort=sort,
-                    run=last,
+                    run=record,
                     contact_ids=ids,
                     pages_read=pages_read,
                     requests=self.requests_sent - requests_before,
