@@ -1,0 +1,156 @@
+"""`segment_matches`: a segment's complete, ordered member list from one ready match-all run."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import Field
+
+from matchall_dagster.checks import (
+    ASSET_KEY,
+    RUN_NOT_EXPIRED,
+    RUN_NOT_FAILED,
+    expiry_result,
+    run_check_specs,
+    run_metadata,
+)
+from matchall_dagster.client import ContactIds, MatchList
+from matchall_dagster.errors import ActiveCampaignError, InvalidInputError, RunExpiredError, RunFailedError
+from matchall_dagster.models import MatchAllRun
+from matchall_dagster.partitions import segments_partitions
+from matchall_dagster.resource import ActiveCampaignResource
+from matchall_dagster.validation import DEFAULT_SORT, validate_id, validate_sort
+
+API_POOL = "activecampaign"
+PREVIEW_ROWS = 10
+
+
+class SegmentMatchesConfig(dg.Config):
+    """What an analyst can choose in the launchpad; the sensor fills in the run it found ready."""
+
+    sort: str = Field(
+        default=DEFAULT_SORT,
+        description="Sort keys, comma-separated, '-' for descending: id, email, phone, first_name, last_name, "
+        "full_name, cdate, udate, account_name, score, score<id>, field<id>. E.g. 'last_name,-first_name'.",
+    )
+    run_id: str | None = Field(
+        default=None, description="An existing match-all run to read; when empty, a new run is started."
+    )
+    wait_timeout_seconds: float = Field(default=3600.0, gt=0, description="How long to wait for the run to be ready.")
+    max_restarts: int = Field(
+        default=3, ge=0, description="Reads started again when the run changes mid-read (its sort changed elsewhere)."
+    )
+
+
+def members_frame(segment_id: str, contact_ids: ContactIds) -> pd.DataFrame:
+    """The rows of one partition: columnar, with the segment id stored once (dictionary-encoded)."""
+    size = contact_ids.size
+    segment = pa.DictionaryArray.from_arrays(pa.array(np.zeros(size, dtype=np.int8)), pa.array([segment_id]))
+    return pd.DataFrame(
+        {
+            "segment_id": pd.arrays.ArrowExtensionArray(segment),
+            "position": np.arange(1, size + 1, dtype=np.int64),
+            "contact_id": contact_ids,
+        }
+    )
+
+
+def _preview(matches: MatchList) -> dg.MetadataValue:
+    head = matches.contact_ids[:PREVIEW_ROWS].tolist()
+    lines = ["| position | contact_id |", "|---|---|", *(f"| {i} | {cid} |" for i, cid in enumerate(head, 1))]
+    if matches.total > PREVIEW_ROWS:
+        lines.append(f"| ... | ({matches.total - PREVIEW_ROWS:,} more) |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+@dg.asset(
+    partitions_def=segments_partitions,
+    check_specs=run_check_specs,
+    metadata={"partition_expr": "segment_id"},
+    pool=API_POOL,
+    kinds={"duckdb", "pandas"},
+    description="Every member contact id of the segment, in the run's sort order (1-based position).",
+)
+def segment_matches(
+    context: dg.AssetExecutionContext, config: SegmentMatchesConfig, activecampaign: ActiveCampaignResource
+) -> Iterator[dg.Output[pd.DataFrame] | dg.AssetCheckResult]:
+    segment_id = context.partition_key
+    try:
+        validate_id(segment_id)
+        sort = validate_sort(config.sort)
+        if config.run_id is not None:
+            validate_id(config.run_id, "run id")
+    except InvalidInputError as exc:
+        raise dg.Failure(description=f"{exc} Fix the run configuration and launch again.") from None
+
+    with activecampaign.get_client() as client:
+        run_id = config.run_id
+        try:
+            if run_id is None:
+                run_id = client.start_run(segment_id, sort=sort).run_id
+                context.log.info(f"Started match-all run {run_id} of segment {segment_id} (sort {sort}).")
+            else:
+                context.log.info(f"Reading the existing match-all run {run_id} of segment {segment_id} (sort {sort}).")
+
+            def waiting(run: MatchAllRun, elapsed: float) -> None:
+                if not run.is_ready:
+                    context.log.info(f"Run {run_id} is {run.state.value} after {elapsed:.0f} s; waiting.")
+
+            first = client.wait_until_ready(
+                segment_id, run_id, sort=sort, timeout=config.wait_timeout_seconds, on_poll=waiting
+            )
+            assert first.page is not None
+            context.log.info(f"Run {run_id} is ready: {first.page.total:,} members on {first.page.last_page} page(s).")
+            matches = client.fetch_matches(
+                segment_id,
+                run_id,
+                sort=sort,
+                first_page=first,
+                ready_timeout=config.wait_timeout_seconds,
+                max_restarts=config.max_restarts,
+            )
+        except RunFailedError as exc:
+            yield dg.AssetCheckResult(
+                check_name=RUN_NOT_FAILED,
+                passed=False,
+                description=str(exc),
+                metadata=run_metadata(None, run_id or "", sort),
+            )
+            raise dg.Failure(description=str(exc)) from None
+        except RunExpiredError as exc:
+            yield dg.AssetCheckResult(
+                check_name=RUN_NOT_EXPIRED,
+                passed=False,
+                description=str(exc),
+                metadata=run_metadata(None, run_id or "", sort),
+            )
+            raise dg.Failure(description=str(exc)) from None
+        except ActiveCampaignError as exc:
+            raise dg.Failure(description=str(exc)) from None
+
+    context.log.info(
+        f"Read {matches.total:,} members of segment {segment_id} in {matches.pages_read} page(s), "
+        f"{matches.requests} request(s), {matches.elapsed_seconds:.1f} s."
+    )
+    run = matches.run
+    assert run.page is not None
+    yield dg.Output(
+        members_frame(segment_id, matches.contact_ids),
+        metadata={
+            "dagster/row_count": matches.total,
+            **run_metadata(run, run.run_id, sort),
+            "page_total": run.page.total,
+            "pages_read": matches.pages_read,
+            "requests": matches.requests,
+            "restarts": matches.restarts,
+            "elapsed_seconds": round(matches.elapsed_seconds, 3),
+            "preview": _preview(matches),
+        },
+    )
+    yield dg.AssetCheckResult(check_name=RUN_NOT_FAILED, passed=True, metadata=run_metadata(run, run.run_id, sort))
+    yield expiry_result(run, sort)
+
+
+__all__ = ["ASSET_KEY", "SegmentMatchesConfig", "members_frame", "segment_matches"]
