@@ -16,23 +16,29 @@ from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.sensors import match_all_readiness_sensor, segment_discovery_sensor
 from matchall_dagster.storage import MatchallDuckDBIOManager, duckdb_path
 
-defs = dg.Definitions(
-    assets=[segment_matches],
-    asset_checks=[matches_complete],
-    jobs=[match_all_kickoff_job],
-    schedules=[match_all_kickoff_schedule],
-    sensors=[segment_discovery_sensor, match_all_readiness_sensor],
-    resources={
-        # No fallback to the simulator: unset variables fail loudly when something needs the API.
-        # Runs take 4 requests/s (one at a time: the `activecampaign` pool, dagster.yaml) and
-        # the sensors 1/s (SENSOR_REQUESTS_PER_SECOND): 5/s for the account.
-        "activecampaign": ActiveCampaignResource(
-            api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
-            api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
-            requests_per_second=4,
-        ),
-        # Swap in any pandas IO manager of a warehouse (Snowflake, BigQuery, ...) here; the asset
-        # declares its partition column as `partition_expr`.
-        "io_manager": MatchallDuckDBIOManager(database=duckdb_path(), schema="main"),
-    },
-)
+
+def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
+    """The project's definitions; `duckdb_database` overrides MATCHALL_DUCKDB_PATH (for tests)."""
+    return dg.Definitions(
+        assets=[segment_matches],
+        asset_checks=[matches_complete],
+        jobs=[match_all_kickoff_job],
+        schedules=[match_all_kickoff_schedule],
+        sensors=[segment_discovery_sensor, match_all_readiness_sensor],
+        resources={
+            # No fallback to the simulator: unset variables fail loudly when something needs the API.
+            # Runs take 4 requests/s (one at a time: the `activecampaign` pool, dagster.yaml) and
+            # the sensors 1/s (SENSOR_REQUESTS_PER_SECOND): 5/s for the account.
+            "activecampaign": ActiveCampaignResource(
+                api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
+                api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
+                requests_per_second=4,
+            ),
+            # Swap in the pandas IO manager of a warehouse (Snowflake, BigQuery, ...) here; the asset
+            # declares its partition column as `partition_expr`.
+            "io_manager": MatchallDuckDBIOManager(database=duckdb_database or duckdb_path(), schema="main"),
+        },
+    )
+
+
+defs = build_definitions()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
 
 from matchall_dagster import ActiveCampaignClient
+from matchall_dagster.definitions import build_definitions
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,
@@ -107,3 +111,40 @@ def make_client(sleeps: SleepRecorder) -> Iterator[Callable[..., ActiveCampaignC
 @pytest.fixture
 def client(server: SimulatorServer, make_client: Callable[..., ActiveCampaignClient]) -> ActiveCampaignClient:
     return make_client(server)
+
+
+@pytest.fixture
+def duckdb_file(tmp_path: Path) -> Path:
+    return tmp_path / "matchall.duckdb"
+
+
+@pytest.fixture
+def simulator_env(server: SimulatorServer, monkeypatch: pytest.MonkeyPatch) -> SimulatorServer:
+    """The environment the definitions read, pointed at the test's simulator."""
+    monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
+    monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
+    monkeypatch.delenv("MATCHALL_SEGMENTS", raising=False)
+    return server
+
+
+@pytest.fixture
+def defs(simulator_env: SimulatorServer, duckdb_file: Path) -> dg.Definitions:
+    """The project's real definitions, against the test's simulator and DuckDB file."""
+    return build_definitions(duckdb_database=str(duckdb_file))
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@contextmanager
+def sensor_context(
+    instance: dg.DagsterInstance, defs: dg.Definitions, cursor: str | None = None
+) -> Iterator[dg.SensorEvaluationContext]:
+    """A sensor context that can add partitions and request partitioned runs, as the daemon's does."""
+    with dg.build_sensor_context(
+        instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources, cursor=cursor
+    ) as context:
+        yield context
