@@ -43,25 +43,39 @@ class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
         default=8, ge=1, le=64, description="Pages fetched at once, so that latency does not leave the limit unused."
     )
 
-    def build_client(self, *, requests_per_second: float | None = None) -> ActiveCampaignClient:
+    def build_client(
+        self,
+        *,
+        requests_per_second: float | None = None,
+        max_retries: int | None = None,
+        request_timeout: float | None = None,
+    ) -> ActiveCampaignClient:
         """A new client; close it when done (or use `get_client`).
 
-        `requests_per_second` overrides the configured share, for callers that hold another
-        share of the account's limit (the sensors).
+        The overrides are for callers with other needs than runs: the sensors hold another share
+        of the account's limit, and must give up sooner to stay within a tick.
         """
         return ActiveCampaignClient(
             self.api_url,
             self.api_key,
-            timeout=self.request_timeout,
-            max_retries=self.max_retries,
+            timeout=request_timeout or self.request_timeout,
+            max_retries=self.max_retries if max_retries is None else max_retries,
             requests_per_second=requests_per_second or self.requests_per_second,
             page_size=self.page_size,
             max_concurrent_requests=self.max_concurrent_requests,
         )
 
     @contextmanager
-    def get_client(self, *, requests_per_second: float | None = None) -> Iterator[ActiveCampaignClient]:
-        client = self.build_client(requests_per_second=requests_per_second)
+    def get_client(
+        self,
+        *,
+        requests_per_second: float | None = None,
+        max_retries: int | None = None,
+        request_timeout: float | None = None,
+    ) -> Iterator[ActiveCampaignClient]:
+        client = self.build_client(
+            requests_per_second=requests_per_second, max_retries=max_retries, request_timeout=request_timeout
+        )
         try:
             yield client
         finally:

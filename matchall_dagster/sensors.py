@@ -9,6 +9,7 @@ import enum
 import hashlib
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import dagster as dg
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from matchall_dagster.assets import segment_matches
 from matchall_dagster.checks import ASSET_KEY, expired_run_evaluation, failed_run_evaluation
+from matchall_dagster.client import ActiveCampaignClient
 from matchall_dagster.errors import ActiveCampaignError
 from matchall_dagster.kickoff import ATTEMPT, PENDING, STATUS, match_all_kickoff_job, pending_observation
 from matchall_dagster.models import RunState, RunStatus
@@ -24,8 +26,13 @@ from matchall_dagster.resource import ActiveCampaignResource
 
 # The sensors' share of the account's 5 requests/s; runs hold the rest (see dagster.yaml).
 SENSOR_REQUESTS_PER_SECOND = 1.0
-TICK_SECONDS = 40.0  # well inside Dagster's 60 s sensor time-out
-MAX_POLLS_PER_TICK = 30  # at 1 request/s this fits the tick's time budget
+# Dagster ends a sensor evaluation after 60 s. A tick starts no poll after 25 s, and one poll
+# takes at most 2 attempts of 10 s plus a 1 s backoff: every tick ends within about 46 s. What
+# a tick could not poll is due first in the next one.
+TICK_SECONDS = 25.0
+SENSOR_MAX_RETRIES = 1
+SENSOR_REQUEST_TIMEOUT = 10.0
+MAX_POLLS_PER_TICK = 20  # at 1 request/s this fits the tick's time budget
 FIRST_POLL_DELAY = 5.0
 MAX_POLL_DELAY = 600.0
 MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
@@ -96,6 +103,14 @@ def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int 
     return Decision(Step.WAIT, run.model_copy(update={"polls": polls, "next_poll_at": now + poll_delay(polls)}))
 
 
+def _sensor_client(activecampaign: ActiveCampaignResource) -> AbstractContextManager[ActiveCampaignClient]:
+    return activecampaign.get_client(
+        requests_per_second=SENSOR_REQUESTS_PER_SECOND,
+        max_retries=SENSOR_MAX_RETRIES,
+        request_timeout=SENSOR_REQUEST_TIMEOUT,
+    )
+
+
 def materialize_request(run: PendingRun) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"{run.segment_id}/{run.run_id}",  # one materialization per remote run
@@ -163,7 +178,7 @@ def match_all_readiness_sensor(
     events: list[dg.AssetCheckEvaluation | dg.AssetObservation] = []
     updated = {run.segment_id: run for run in cursor.pending}
     polls = 0
-    with activecampaign.get_client(requests_per_second=SENSOR_REQUESTS_PER_SECOND) as client:
+    with _sensor_client(activecampaign) as client:
         for run in due:
             if polls >= MAX_POLLS_PER_TICK or time.monotonic() - started > TICK_SECONDS:
                 break  # the rest are due first next tick
@@ -230,7 +245,7 @@ def segment_discovery_sensor(
 ) -> dg.SensorResult:
     assert segments_partitions.name is not None
     try:
-        with activecampaign.get_client(requests_per_second=SENSOR_REQUESTS_PER_SECOND) as client:
+        with _sensor_client(activecampaign) as client:
             segments = client.list_segments()
     except ActiveCampaignError as exc:
         return dg.SensorResult(skip_reason=f"Could not list the account's segments: {exc}")
