@@ -28,7 +28,7 @@ def pending_by_partition(instance: dg.DagsterInstance) -> dict[str, dict[str, ob
     found: dict[str, dict[str, object]] = {}
     for record in records.records:
         assert record.asset_observation is not None
-        metadata = {key: value.value for key, value in record.asset_observation.metadata.items()}
+        metadata: dict[str, object] = {key: value.value for key, value in record.asset_observation.metadata.items()}
         if metadata[STATUS] == PENDING and record.partition_key is not None:
             found[record.partition_key] = metadata
     return found
