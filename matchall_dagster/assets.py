@@ -1,21 +1,12 @@
 """`segment_matches`: a segment's complete, ordered member list from one ready match-all run."""
 
-from collections.abc import Iterator
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from matchall_dagster.checks import (
-    ASSET_KEY,
-    RUN_NOT_EXPIRED,
-    RUN_NOT_FAILED,
-    expiry_result,
-    run_check_specs,
-    run_metadata,
-)
+from matchall_dagster.checks import API_POOL, ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED, run_metadata
 from matchall_dagster.client import ContactIds, MatchList
 from matchall_dagster.errors import ActiveCampaignError, InvalidInputError, RunExpiredError, RunFailedError
 from matchall_dagster.models import MatchAllRun
@@ -23,7 +14,6 @@ from matchall_dagster.partitions import segments_partitions
 from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.validation import DEFAULT_SORT, validate_id, validate_sort
 
-API_POOL = "activecampaign"
 PREVIEW_ROWS = 10
 
 
@@ -67,7 +57,6 @@ def _preview(matches: MatchList) -> dg.MetadataValue:
 
 @dg.asset(
     partitions_def=segments_partitions,
-    check_specs=run_check_specs,
     metadata={"partition_expr": "segment_id"},
     pool=API_POOL,
     kinds={"duckdb", "pandas"},
@@ -75,7 +64,7 @@ def _preview(matches: MatchList) -> dg.MetadataValue:
 )
 def segment_matches(
     context: dg.AssetExecutionContext, config: SegmentMatchesConfig, activecampaign: ActiveCampaignResource
-) -> Iterator[dg.Output[pd.DataFrame] | dg.AssetCheckResult]:
+) -> dg.Output[pd.DataFrame]:
     segment_id = context.partition_key
     try:
         validate_id(segment_id)
@@ -111,20 +100,17 @@ def segment_matches(
                 ready_timeout=config.wait_timeout_seconds,
                 max_restarts=config.max_restarts,
             )
-        except RunFailedError as exc:
-            yield dg.AssetCheckResult(
-                check_name=RUN_NOT_FAILED,
-                passed=False,
-                description=str(exc),
-                metadata=run_metadata(None, run_id or "", sort),
-            )
-            raise dg.Failure(description=str(exc)) from None
-        except RunExpiredError as exc:
-            yield dg.AssetCheckResult(
-                check_name=RUN_NOT_EXPIRED,
-                passed=False,
-                description=str(exc),
-                metadata=run_metadata(None, run_id or "", sort),
+        except (RunFailedError, RunExpiredError) as exc:
+            # The checks after this step are skipped; record the verdict on the partition here.
+            context.log_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=ASSET_KEY,
+                    check_name=RUN_NOT_FAILED if isinstance(exc, RunFailedError) else RUN_NOT_EXPIRED,
+                    passed=False,
+                    partition=segment_id,
+                    description=str(exc),
+                    metadata=run_metadata(None, run_id or "", sort),
+                )
             )
             raise dg.Failure(description=str(exc)) from None
         except ActiveCampaignError as exc:
@@ -136,7 +122,7 @@ def segment_matches(
     )
     run = matches.run
     assert run.page is not None
-    yield dg.Output(
+    return dg.Output(
         members_frame(segment_id, matches.contact_ids),
         metadata={
             "dagster/row_count": matches.total,
@@ -149,8 +135,6 @@ def segment_matches(
             "preview": _preview(matches),
         },
     )
-    yield dg.AssetCheckResult(check_name=RUN_NOT_FAILED, passed=True, metadata=run_metadata(run, run.run_id, sort))
-    yield expiry_result(run, sort)
 
 
 __all__ = ["ASSET_KEY", "SegmentMatchesConfig", "members_frame", "segment_matches"]

@@ -1,9 +1,12 @@
 """The checks on `segment_matches`, per partition.
 
-`run_not_failed` and `run_not_expired` are about the remote run behind a partition: the asset
-records them when it reads a run, and the readiness sensor records them when it finds a run
-failed or gone, so a segment whose run never materializes still shows why. `matches_complete`
-reads the stored rows back and compares them with what the API said the run holds.
+`run_not_failed` and `run_not_expired` are about the remote run behind a partition. After a
+materialization they judge the run it read (from its metadata, without a request). When the
+readiness sensor finds a run failed or gone, it launches the check alone with that run's id, so
+a segment whose run never materializes still shows why, in a run of its own with its log.
+(Sensors could report check results without a run, but Dagster 1.13 stores only one run-less
+result per check and partition.) `matches_complete` reads the stored rows back and compares them
+with what the API said the run holds.
 """
 
 from datetime import UTC, datetime, timedelta
@@ -12,31 +15,27 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from matchall_dagster.models import MatchAllRun
+from matchall_dagster.models import MatchAllRun, RunState
 from matchall_dagster.partitions import segments_partitions
+from matchall_dagster.resource import ActiveCampaignResource
+from matchall_dagster.validation import DEFAULT_SORT
 
 ASSET_KEY = dg.AssetKey("segment_matches")
+API_POOL = "activecampaign"  # every step that may call the API; its limit is in dagster.yaml
 RUN_NOT_FAILED = "run_not_failed"
 RUN_NOT_EXPIRED = "run_not_expired"
 MATCHES_COMPLETE = "matches_complete"
 RUN_RETENTION = timedelta(days=90)
 EXPIRY_WARNING = timedelta(days=10)
 
-run_check_specs = [
-    dg.AssetCheckSpec(
-        RUN_NOT_FAILED,
-        asset=ASSET_KEY,
-        partitions_def=segments_partitions,
-        description="The segment's latest match-all run did not fail (run_id_end set while not ready).",
-    ),
-    dg.AssetCheckSpec(
-        RUN_NOT_EXPIRED,
-        asset=ASSET_KEY,
-        partitions_def=segments_partitions,
-        description="The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
-    ),
-]
+
+class RunCheckConfig(dg.Config):
+    """Which remote run to judge; by default the one the partition was last materialized from."""
+
+    run_id: str | None = Field(default=None, description="A match-all run id; empty: the materialized run.")
+    sort: str = Field(default=DEFAULT_SORT, description="The sort the run was started with.")
 
 
 def run_metadata(run: MatchAllRun | None, run_id: str, sort: str) -> dict[str, Any]:
@@ -50,66 +49,118 @@ def run_metadata(run: MatchAllRun | None, run_id: str, sort: str) -> dict[str, A
     return metadata
 
 
-def failed_run_evaluation(segment_id: str, run: MatchAllRun, sort: str, *, retrying: bool) -> dg.AssetCheckEvaluation:
-    then = "a fresh run was started" if retrying else "no more runs are started until the next kick-off"
-    return dg.AssetCheckEvaluation(
-        asset_key=ASSET_KEY,
-        check_name=RUN_NOT_FAILED,
-        passed=False,
-        severity=dg.AssetCheckSeverity.ERROR,
-        partition=segment_id,
-        description=f"Run {run.run_id} ended without becoming ready; {then}.",
-        metadata=run_metadata(run, run.run_id, sort),
+def _materialized(context: dg.AssetCheckExecutionContext) -> dict[str, Any] | None:
+    """The metadata of the partition's latest materialization, as plain values."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
+
+
+def _not_applicable(check_name: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=check_name,
+        passed=True,
+        description="Nothing to judge: the partition was never materialized and no run id was given.",
     )
 
 
-def expired_run_evaluation(segment_id: str, run_id: str, sort: str) -> dg.AssetCheckEvaluation:
-    return dg.AssetCheckEvaluation(
-        asset_key=ASSET_KEY,
-        check_name=RUN_NOT_EXPIRED,
-        passed=False,
-        severity=dg.AssetCheckSeverity.ERROR,
-        partition=segment_id,
-        description=f"Run {run_id} is gone (404): expired after 90 days, or unknown. "
-        f"The next kick-off starts a new one.",
-        metadata=run_metadata(None, run_id, sort),
-    )
-
-
-def expiry_result(run: MatchAllRun, sort: str, now: datetime | None = None) -> dg.AssetCheckResult:
-    """Passes, or warns when the run can be re-read for less than 10 more days."""
-    expires_at = run.run_id_start + RUN_RETENTION
-    left = expires_at - (now or datetime.now(UTC))
-    metadata = {**run_metadata(run, run.run_id, sort), "run_expires_at": dg.MetadataValue.timestamp(expires_at)}
-    if left > EXPIRY_WARNING:
+def _expiry(started_at: datetime, run_id: str, metadata: dict[str, Any], now: datetime) -> dg.AssetCheckResult:
+    expires_at = started_at + RUN_RETENTION
+    metadata = {**metadata, "run_expires_at": dg.MetadataValue.timestamp(expires_at)}
+    if expires_at - now > EXPIRY_WARNING:
         return dg.AssetCheckResult(check_name=RUN_NOT_EXPIRED, passed=True, metadata=metadata)
     return dg.AssetCheckResult(
         check_name=RUN_NOT_EXPIRED,
         passed=False,
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"Run {run.run_id} can be re-read only until {expires_at:%Y-%m-%d %H:%M} UTC; "
-        f"materialize from a newer run before then.",
+        description=f"Run {run_id} can be re-read only until {expires_at:%Y-%m-%d %H:%M} UTC (90 days after "
+        f"its start); materialize from a newer run before then.",
         metadata=metadata,
     )
 
 
 @dg.asset_check(
     asset=ASSET_KEY,
+    name=RUN_NOT_FAILED,
+    partitions_def=segments_partitions,
+    pool=API_POOL,
+    description="The segment's match-all run did not fail (run_id_end set while not ready).",
+)
+def run_not_failed(
+    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
+) -> dg.AssetCheckResult:
+    if config.run_id is None:
+        materialized = _materialized(context)
+        if materialized is None:
+            return _not_applicable(RUN_NOT_FAILED)
+        # A materialization is only ever made from a ready run.
+        return dg.AssetCheckResult(passed=True, metadata={"run_id": materialized["run_id"]})
+    with activecampaign.get_client() as client:
+        status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
+    metadata = run_metadata(status.run, config.run_id, config.sort)
+    if status.state is RunState.FAILED:
+        assert status.run is not None
+        assert status.run.run_id_end is not None
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"Run {config.run_id} ended at {status.run.run_id_end:%Y-%m-%d %H:%M:%S} UTC without "
+            f"becoming ready; it will never finish. The readiness sensor starts fresh runs (a few times); "
+            f"if they keep failing, check the segment's definition in ActiveCampaign.",
+            metadata=metadata,
+        )
+    return dg.AssetCheckResult(
+        passed=True, description=f"Run {config.run_id} is {status.state.value}.", metadata=metadata
+    )
+
+
+@dg.asset_check(
+    asset=ASSET_KEY,
+    name=RUN_NOT_EXPIRED,
+    partitions_def=segments_partitions,
+    pool=API_POOL,
+    description="The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
+)
+def run_not_expired(
+    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
+) -> dg.AssetCheckResult:
+    now = datetime.now(UTC)
+    if config.run_id is None:
+        materialized = _materialized(context)
+        if materialized is None:
+            return _not_applicable(RUN_NOT_EXPIRED)
+        started_at = datetime.fromtimestamp(float(materialized["run_started_at"]), UTC)
+        return _expiry(started_at, str(materialized["run_id"]), {"run_id": materialized["run_id"]}, now)
+    with activecampaign.get_client() as client:
+        status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
+    if status.state is RunState.EXPIRED:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"Run {config.run_id} is gone (404): runs expire 90 days after their start, and unknown "
+            f"ids answer the same way. The next kick-off starts a new run; to get one now, launch the "
+            f"kick-off job for this segment.",
+            metadata=run_metadata(None, config.run_id, config.sort),
+        )
+    assert status.run is not None
+    return _expiry(status.run.run_id_start, config.run_id, run_metadata(status.run, config.run_id, config.sort), now)
+
+
+@dg.asset_check(
+    asset=ASSET_KEY,
+    name=MATCHES_COMPLETE,
     partitions_def=segments_partitions,
     description="The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
 )
 def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: pd.DataFrame) -> dg.AssetCheckResult:
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[context.partition_key]), limit=1
-    ).records
-    expected = None
-    if records and records[0].asset_materialization is not None:
-        total = records[0].asset_materialization.metadata.get("page_total")
-        expected = int(total.value) if isinstance(total, dg.IntMetadataValue) and total.value is not None else None
+    materialized = _materialized(context) or {}
+    expected = materialized.get("page_total")
     rows = len(segment_matches)
     in_order = bool(np.array_equal(np.sort(segment_matches["position"].to_numpy()), np.arange(1, rows + 1)))
     duplicates = int(segment_matches["contact_id"].duplicated().sum())
-    passed = expected is not None and rows == expected and duplicates == 0 and in_order
     problems = []
     if expected is None:
         problems.append("the materialization records no page_total to compare with")
@@ -120,7 +171,12 @@ def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: pd
     if not in_order:
         problems.append("positions are not exactly 1..n")
     return dg.AssetCheckResult(
-        passed=passed,
-        description="; ".join(problems) or f"All {rows} members stored once each, positions 1..{rows}.",
+        passed=not problems,
+        description="; ".join(problems).capitalize() + ". Materialize the partition again."
+        if problems
+        else f"All {rows} members stored once each, positions 1..{rows}.",
         metadata={"rows": rows, "expected": expected if expected is not None else -1, "duplicates": duplicates},
     )
+
+
+run_checks = [run_not_failed, run_not_expired]

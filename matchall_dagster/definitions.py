@@ -10,7 +10,7 @@ from __future__ import annotations
 import dagster as dg
 
 from matchall_dagster.assets import segment_matches
-from matchall_dagster.checks import matches_complete
+from matchall_dagster.checks import matches_complete, run_not_expired, run_not_failed
 from matchall_dagster.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
 from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.sensors import match_all_readiness_sensor, segment_discovery_sensor
@@ -21,7 +21,7 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
     """The project's definitions; `duckdb_database` overrides MATCHALL_DUCKDB_PATH (for tests)."""
     return dg.Definitions(
         assets=[segment_matches],
-        asset_checks=[matches_complete],
+        asset_checks=[run_not_failed, run_not_expired, matches_complete],
         jobs=[match_all_kickoff_job],
         schedules=[match_all_kickoff_schedule],
         sensors=[segment_discovery_sensor, match_all_readiness_sensor],

@@ -10,8 +10,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from matchall_dagster.assets import API_POOL
-from matchall_dagster.checks import ASSET_KEY, run_metadata
+from matchall_dagster.checks import API_POOL, ASSET_KEY, run_metadata
 from matchall_dagster.errors import ActiveCampaignError, SegmentNotFoundError
 from matchall_dagster.models import MatchAllRun
 from matchall_dagster.partitions import segments_partitions, tracked

@@ -16,7 +16,7 @@ import dagster as dg
 from pydantic import BaseModel, Field, ValidationError
 
 from matchall_dagster.assets import segment_matches
-from matchall_dagster.checks import ASSET_KEY, expired_run_evaluation, failed_run_evaluation
+from matchall_dagster.checks import ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.client import ActiveCampaignClient
 from matchall_dagster.errors import ActiveCampaignError
 from matchall_dagster.kickoff import ATTEMPT, PENDING, STATUS, match_all_kickoff_job, pending_observation
@@ -120,6 +120,18 @@ def materialize_request(run: PendingRun) -> dg.RunRequest:
     )
 
 
+def check_request(run: PendingRun, check_name: str) -> dg.RunRequest:
+    """A run of one check alone, judging this remote run, so that its verdict lands on the partition."""
+    return dg.RunRequest(
+        run_key=f"{run.segment_id}/{run.run_id}/{check_name}",
+        partition_key=run.segment_id,
+        asset_selection=[],
+        asset_check_keys=[dg.AssetCheckKey(ASSET_KEY, check_name)],
+        run_config={"ops": {f"segment_matches_{check_name}": {"config": {"run_id": run.run_id, "sort": run.sort}}}},
+        tags={"matchall/run_id": run.run_id, "matchall/sort": run.sort},
+    )
+
+
 def _read_new_pending(context: dg.SensorEvaluationContext, cursor: ReadinessCursor, now: float) -> None:
     """Fold the pending-run observations recorded since the last tick into the cursor."""
     by_segment = {run.segment_id: run for run in cursor.pending}
@@ -175,7 +187,7 @@ def match_all_readiness_sensor(
     _read_new_pending(context, cursor, now)
     due = sorted((run for run in cursor.pending if run.next_poll_at <= now), key=lambda run: run.next_poll_at)
     requests: list[dg.RunRequest] = []
-    events: list[dg.AssetCheckEvaluation | dg.AssetObservation] = []
+    events: list[dg.AssetObservation] = []
     updated = {run.segment_id: run for run in cursor.pending}
     polls = 0
     with _sensor_client(activecampaign) as client:
@@ -193,13 +205,12 @@ def match_all_readiness_sensor(
                 elif decision.step is Step.WAIT:
                     updated[run.segment_id] = decision.run
                 elif decision.step is Step.EXPIRED:
-                    context.log.warning(f"Run {run.run_id} of segment {run.segment_id} is gone (404); recorded.")
-                    events.append(expired_run_evaluation(run.segment_id, run.run_id, run.sort))
+                    context.log.warning(f"Run {run.run_id} of segment {run.segment_id} is gone (404); checking it.")
+                    requests.append(check_request(run, RUN_NOT_EXPIRED))
                     del updated[run.segment_id]
                 else:
-                    assert status.run is not None
                     retrying = decision.step is Step.RESTART
-                    events.append(failed_run_evaluation(run.segment_id, status.run, run.sort, retrying=retrying))
+                    requests.append(check_request(run, RUN_NOT_FAILED))
                     del updated[run.segment_id]
                     if retrying:
                         fresh = client.start_run(run.segment_id, sort=run.sort)

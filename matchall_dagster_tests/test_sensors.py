@@ -49,12 +49,20 @@ def record_pending(
     return runs
 
 
-def checks_of(data: dg.SensorExecutionData) -> list[tuple[str, str | None, bool, dg.AssetCheckSeverity]]:
-    return [
-        (event.check_name, event.partition, event.passed, event.severity)
-        for event in data.asset_events
-        if isinstance(event, dg.AssetCheckEvaluation)
-    ]
+def checks_of(data: dg.SensorExecutionData) -> list[tuple[str, str | None, str]]:
+    """The check-only runs requested: (check, partition, remote run id judged)."""
+    found = []
+    for request in data.run_requests:
+        if request.asset_check_keys:
+            (key,) = request.asset_check_keys
+            config = request.run_config["ops"][f"segment_matches_{key.name}"]["config"]
+            assert request.asset_selection == []
+            found.append((key.name, request.partition_key, config["run_id"]))
+    return found
+
+
+def materializations_of(data: dg.SensorExecutionData) -> list[str | None]:
+    return [request.partition_key for request in data.run_requests if not request.asset_check_keys]
 
 
 # -- the pure decision ---------------------------------------------------------------------------
@@ -187,17 +195,14 @@ def test_a_failed_run_is_recorded_on_its_partition_and_started_again(
 ) -> None:
     runs = record_pending(instance, server, "77", "1")
     data = tick(instance, defs, READINESS)
-    assert checks_of(data) == [(RUN_NOT_FAILED, "77", False, dg.AssetCheckSeverity.ERROR)]
-    evaluation = next(e for e in data.asset_events if isinstance(e, dg.AssetCheckEvaluation))
-    assert evaluation.metadata["run_id"].value == runs["77"]
-    assert {"run_started_at", "run_ended_at"} <= set(evaluation.metadata)
+    assert checks_of(data) == [(RUN_NOT_FAILED, "77", runs["77"])]
     observations = [e for e in data.asset_events if isinstance(e, dg.AssetObservation)]
     assert [o.partition for o in observations] == ["77"]
     (fresh,) = ReadinessCursor.model_validate_json(data.cursor or "").pending
     assert fresh.segment_id == "77"
     assert fresh.run_id != runs["77"]
     assert fresh.attempt == 2
-    assert [request.partition_key for request in data.run_requests] == ["1"]
+    assert materializations_of(data) == ["1"]
 
 
 def test_failed_runs_are_started_again_at_most_max_attempts_times(
@@ -221,10 +226,11 @@ def test_failed_runs_are_started_again_at_most_max_attempts_times(
 def test_an_expired_run_is_recorded_as_run_not_expired(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
-    record_pending(instance, server, "88")
+    runs = record_pending(instance, server, "88")
     server.simulator.advance_clock(61)
     data = tick(instance, defs, READINESS)
-    assert checks_of(data) == [(RUN_NOT_EXPIRED, "88", False, dg.AssetCheckSeverity.ERROR)]
+    assert checks_of(data) == [(RUN_NOT_EXPIRED, "88", runs["88"])]
+    assert materializations_of(data) == []
     assert ReadinessCursor.model_validate_json(data.cursor or "").pending == []
 
 
@@ -276,3 +282,34 @@ def test_the_cursor_stays_small(instance: dg.DagsterInstance, defs: dg.Definitio
     record_pending(instance, server, "99")
     data = tick(instance, defs, READINESS)
     assert len(data.cursor or "") < 300
+
+
+def test_the_requested_check_runs_record_the_verdict_on_the_partition(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+) -> None:
+    record_pending(instance, server, "77", "88")
+    server.simulator.advance_clock(61)
+    data = tick(instance, defs, READINESS)
+    job = defs.resolve_implicit_global_asset_job_def()
+    for request in data.run_requests:
+        if not request.asset_check_keys:
+            continue
+        subset = job.get_subset(asset_selection=set(), asset_check_selection=set(request.asset_check_keys))
+        result = subset.execute_in_process(
+            instance=instance,
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+            resources=defs.resources,
+        )
+        (evaluation,) = result.get_asset_check_evaluations()
+        assert (evaluation.partition, evaluation.passed) == (request.partition_key, False)
+        assert evaluation.severity is dg.AssetCheckSeverity.ERROR
+        assert evaluation.metadata["run_id"].value == request.tags["matchall/run_id"]
+    failed = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("segment_matches"), RUN_NOT_FAILED), limit=5
+    )
+    assert [(record.partition, record.status.value) for record in failed] == [("77", "FAILED")]
+    expired = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("segment_matches"), RUN_NOT_EXPIRED), limit=5
+    )
+    assert [(record.partition, record.status.value) for record in expired] == [("88", "FAILED")]
