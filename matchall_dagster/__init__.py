@@ -1,5 +1,9 @@
 """ActiveCampaign segment memberships as Dagster assets."""
 
+import warnings
+
+from dagster import BetaWarning, PreviewWarning
+
 from matchall_dagster.client import ActiveCampaignClient, MatchList, MatchPage
 from matchall_dagster.errors import (
     ActiveCampaignError,
@@ -17,6 +21,14 @@ from matchall_dagster.errors import (
 )
 from matchall_dagster.models import MatchAllRun, PageInfo, RunState, RunStatus, Segment
 from matchall_dagster.resource import ActiveCampaignResource
+
+# Known and accepted, so kept out of every process's log: partitioned asset checks are a preview
+# of Dagster 1.13 (see the README), and Dagster's Definitions warns about a beta parameter that it
+# passes to our sensors itself.
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an ", category=PreviewWarning)
+warnings.filterwarnings(
+    "ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`", category=BetaWarning
+)
 
 __all__ = [
     "APIUnavailableError",
