@@ -1,8 +1,9 @@
 """ActiveCampaign segment memberships as Dagster assets."""
 
-import warnings
+import warnings as _warnings
 
-from dagster import BetaWarning, PreviewWarning
+from dagster import BetaWarning as _BetaWarning
+from dagster import PreviewWarning as _PreviewWarning
 
 from matchall_dagster.client import ActiveCampaignClient, MatchList, MatchPage
 from matchall_dagster.errors import (
@@ -25,9 +26,9 @@ from matchall_dagster.resource import ActiveCampaignResource
 # Known and accepted, so kept out of every process's log: partitioned asset checks are a preview
 # of Dagster 1.13 (see the README), and Dagster's Definitions warns about a beta parameter that it
 # passes to our sensors itself.
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an ", category=PreviewWarning)
-warnings.filterwarnings(
-    "ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`", category=BetaWarning
+_warnings.filterwarnings("ignore", message="Specifying a partitions_def on an ", category=_PreviewWarning)
+_warnings.filterwarnings(
+    "ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`", category=_BetaWarning
 )
 
 __all__ = [

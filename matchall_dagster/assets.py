@@ -100,6 +100,7 @@ def segment_matches(
                 ready_timeout=config.wait_timeout_seconds,
                 max_restarts=config.max_restarts,
             )
+            requests = client.requests_sent  # this materialization's client: its start, polls and pages
         except (RunFailedError, RunExpiredError) as exc:
             # The checks after this step are skipped; record the verdict on the partition here.
             context.log_event(
@@ -118,7 +119,7 @@ def segment_matches(
 
     context.log.info(
         f"Read {matches.total:,} members of segment {segment_id} in {matches.pages_read} page(s), "
-        f"{matches.requests} request(s), {matches.elapsed_seconds:.1f} s."
+        f"{requests} request(s), {matches.elapsed_seconds:.1f} s."
     )
     run = matches.run
     assert run.page is not None
@@ -129,7 +130,7 @@ def segment_matches(
             **run_metadata(run, run.run_id, sort),
             "page_total": run.page.total,
             "pages_read": matches.pages_read,
-            "requests": matches.requests,
+            "requests": requests,
             "restarts": matches.restarts,
             "elapsed_seconds": round(matches.elapsed_seconds, 3),
             "preview": _preview(matches),
