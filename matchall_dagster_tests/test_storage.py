@@ -6,6 +6,7 @@ Most tests write through a stand-in asset (same key, partitions and partition co
 others materialize the real asset against the simulator.
 """
 
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,38 @@ def test_segment_matches_refuses_a_partition_key_that_is_not_an_id(
     assert "is not a valid ActiveCampaign id" in str(failure.step_failure_data.user_failure_data.description)
     assert server.simulator.stats()["requests"] == requests  # refused before any request
     assert partitions(duckdb_file) == {"1": 1}
+
+
+def _materialize_in_another_process(instance_ref: Any, database: str, segment_id: str, times: int) -> bool:
+    from matchall_dagster.definitions import build_definitions
+
+    defs = build_definitions(duckdb_database=database)
+    instance = dg.DagsterInstance.from_ref(instance_ref)
+    return all(
+        dg.materialize(
+            [defs.get_assets_def("segment_matches"), *(defs.asset_checks or [])],
+            partition_key=segment_id,
+            instance=instance,
+            resources=defs.resources,
+            raise_on_error=False,
+        ).success
+        for _ in range(times)
+    )
+
+
+def test_concurrent_runs_of_different_partitions_share_the_file(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, duckdb_file: Path
+) -> None:
+    """Two processes (as two Dagster runs) write the same DuckDB file at once: DuckDB admits one
+    writer at a time, and the IO manager's connection retries wait for the other."""
+    segments = ["25001", "10001"]
+    instance.add_dynamic_partitions("segments", segments)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        outcomes = pool.starmap(
+            _materialize_in_another_process,
+            [(instance.get_ref(), str(duckdb_file), segment_id, 3) for segment_id in segments],
+        )
+    assert outcomes == [True, True]
+    for segment_id in segments:
+        assert stored(duckdb_file, segment_id) == server.simulator.truth(segment_id)
