@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 
 from matchall_dagster import ActiveCampaignClient
+from matchall_dagster.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
@@ -25,6 +26,8 @@ from matchall_dagster.simulator import (
 
 PAGING_SIZES = {"empty": 0, "one": 1, "9999": 9_999, "10000": 10_000, "10001": 10_001, "25001": 25_001}
 UUID_SEGMENT = "1ab85f0e-3b5c-4a35-bc07-242c68a7d195132"
+SEGMENT_MATCHES = dg.AssetKey("segment_matches")
+CHECKS = (RUN_NOT_FAILED, RUN_NOT_EXPIRED, MATCHES_COMPLETE)
 
 
 def make_account() -> SimAccount:
@@ -148,3 +151,33 @@ def sensor_context(
         instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources, cursor=cursor
     ) as context:
         yield context
+
+
+def materialize_segment(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    segment_id: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    resources: Mapping[str, Any] | None = None,
+    raise_on_error: bool = True,
+    tags: Mapping[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
+    """The asset with its checks, as the UI's "Materialize" of one partition runs them."""
+    if segment_id not in instance.get_dynamic_partitions("segments"):
+        instance.add_dynamic_partitions("segments", [segment_id])
+    return dg.materialize(
+        [
+            defs.get_assets_def(SEGMENT_MATCHES),
+            *(
+                defs.get_asset_checks_def(dg.AssetCheckKey(SEGMENT_MATCHES, c))
+                for c in (RUN_NOT_FAILED, RUN_NOT_EXPIRED, MATCHES_COMPLETE)
+            ),
+        ],
+        partition_key=segment_id,
+        run_config={"ops": {"segment_matches": {"config": dict(config or {})}}},
+        instance=instance,
+        resources=resources if resources is not None else defs.resources,
+        raise_on_error=raise_on_error,
+        tags=tags,
+    )

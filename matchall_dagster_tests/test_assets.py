@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,39 +24,14 @@ from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, Match
 from matchall_dagster.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.simulator import DEFAULT_TOKEN, Behavior, SimAccount, SimSegment, SimulatorServer
-from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, sensor_context
+from matchall_dagster_tests.conftest import CHECKS, UUID_SEGMENT, ServeSimulator, materialize_segment, sensor_context
 
 ASSET_KEY = dg.AssetKey("segment_matches")
-CHECKS = (RUN_NOT_FAILED, RUN_NOT_EXPIRED, MATCHES_COMPLETE)
 DAY = 86_400.0
 BIG_SEGMENT = "250000"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def materialize_segment(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    segment_id: str,
-    config: Mapping[str, Any] | None = None,
-    *,
-    resources: Mapping[str, Any] | None = None,
-    raise_on_error: bool = True,
-    tags: Mapping[str, str] | None = None,
-) -> dg.ExecuteInProcessResult:
-    """The asset with its checks, as the UI's "Materialize" of one partition runs them."""
-    if segment_id not in instance.get_dynamic_partitions("segments"):
-        instance.add_dynamic_partitions("segments", [segment_id])
-    return dg.materialize(
-        [defs.get_assets_def(ASSET_KEY), *(defs.get_asset_checks_def(dg.AssetCheckKey(ASSET_KEY, c)) for c in CHECKS)],
-        partition_key=segment_id,
-        run_config={"ops": {"segment_matches": {"config": dict(config or {})}}},
-        instance=instance,
-        resources=resources if resources is not None else defs.resources,
-        raise_on_error=raise_on_error,
-        tags=tags,
-    )
 
 
 def stored(duckdb_file: Path, segment_id: str) -> list[int]:

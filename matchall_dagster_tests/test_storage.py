@@ -19,15 +19,14 @@ import pytest
 
 from matchall_dagster import storage
 from matchall_dagster.assets import members_frame
-from matchall_dagster.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.partitions import segments_partitions
 from matchall_dagster.simulator import SimulatorServer
 from matchall_dagster.storage import MatchallDuckDBIOManager
+from matchall_dagster_tests.conftest import materialize_segment
 
 ASSET_KEY = dg.AssetKey("segment_matches")
 COLUMNS = [("segment_id", "VARCHAR"), ("position", "BIGINT"), ("contact_id", "BIGINT")]
 HOSTILE = "x' or '1'='1"
-CHECKS = (RUN_NOT_FAILED, RUN_NOT_EXPIRED, MATCHES_COMPLETE)
 
 
 # (No `from __future__ import annotations` in this module: Dagster reads the config class from the
@@ -94,16 +93,7 @@ def column_types(duckdb_file: Path) -> list[tuple[str, str]]:
 def materialize_real(
     defs: dg.Definitions, instance: dg.DagsterInstance, segment_id: str, **config: Any
 ) -> dg.ExecuteInProcessResult:
-    if segment_id not in instance.get_dynamic_partitions("segments"):
-        instance.add_dynamic_partitions("segments", [segment_id])
-    return dg.materialize(
-        [defs.get_assets_def(ASSET_KEY), *(defs.get_asset_checks_def(dg.AssetCheckKey(ASSET_KEY, c)) for c in CHECKS)],
-        partition_key=segment_id,
-        run_config={"ops": {"segment_matches": {"config": config}}},
-        instance=instance,
-        resources=defs.resources,
-        raise_on_error=False,
-    )
+    return materialize_segment(defs, instance, segment_id, config, raise_on_error=False)
 
 
 # -- the frame --------------------------------------------------------------------------------
