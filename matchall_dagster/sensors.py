@@ -8,6 +8,7 @@ budgets of a tick, and the results.
 import enum
 import hashlib
 import logging
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from matchall_dagster.assets import segment_matches
 from matchall_dagster.checks import ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.client import ActiveCampaignClient
-from matchall_dagster.errors import ActiveCampaignError
+from matchall_dagster.errors import ActiveCampaignError, InvalidInputError
 from matchall_dagster.kickoff import ATTEMPT, PENDING, STATUS, match_all_kickoff_job, pending_observation
 from matchall_dagster.models import RunState, RunStatus
 from matchall_dagster.partitions import segments_partitions, tracked
@@ -35,7 +36,8 @@ SENSOR_REQUEST_TIMEOUT = 10.0
 MAX_POLLS_PER_TICK = 20  # at 1 request/s this fits the tick's time budget
 FIRST_POLL_DELAY = 5.0
 MAX_POLL_DELAY = 600.0
-MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
+MAX_ATTEMPTS_VARIABLE = "MATCHALL_MAX_RUN_ATTEMPTS"
+DEFAULT_MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
 OBSERVATION_PAGE = 1_000
 
 
@@ -92,7 +94,20 @@ class Decision:
     run: PendingRun
 
 
-def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int = MAX_ATTEMPTS) -> Decision:
+def max_attempts() -> int:
+    """MATCHALL_MAX_RUN_ATTEMPTS: how many runs a segment gets per kick-off when they keep failing."""
+    raw = os.environ.get(MAX_ATTEMPTS_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ATTEMPTS
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise InvalidInputError(
+            f"{MAX_ATTEMPTS_VARIABLE} must be a whole number from 1 to 100, not {raw[:20]!r}; "
+            f"unset it for the default of {DEFAULT_MAX_ATTEMPTS}."
+        )
+    return int(raw)
+
+
+def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Decision:
     if status.state is RunState.READY:
         return Decision(Step.MATERIALIZE, run)
     if status.state is RunState.EXPIRED:
@@ -183,6 +198,7 @@ def match_all_readiness_sensor(
 ) -> dg.SensorResult:
     started = time.monotonic()
     now = time.time()
+    attempts = max_attempts()
     cursor = ReadinessCursor.load(context.cursor, context.log)
     _read_new_pending(context, cursor, now)
     due = sorted((run for run in cursor.pending if run.next_poll_at <= now), key=lambda run: run.next_poll_at)
@@ -197,7 +213,7 @@ def match_all_readiness_sensor(
             polls += 1
             try:
                 status = client.poll_run(run.segment_id, run.run_id, sort=run.sort)
-                decision = decide(run, status, time.time())
+                decision = decide(run, status, time.time(), max_attempts=attempts)
                 if decision.step is Step.MATERIALIZE:
                     context.log.info(f"Run {run.run_id} of segment {run.segment_id} is ready; materializing it.")
                     requests.append(materialize_request(run))

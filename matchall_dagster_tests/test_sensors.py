@@ -223,6 +223,19 @@ def test_failed_runs_are_started_again_at_most_max_attempts_times(
     assert server.simulator.stats()["requests"] == 3 + 3  # 3 starts, 3 polls
 
 
+def test_the_number_of_attempts_is_configurable_and_validated(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record_pending(instance, server, "77")
+    monkeypatch.setenv("MATCHALL_MAX_RUN_ATTEMPTS", "1")
+    data = tick(instance, defs, READINESS)
+    assert [check for check, *_ in checks_of(data)] == [RUN_NOT_FAILED]
+    assert ReadinessCursor.model_validate_json(data.cursor or "").pending == []  # no fresh run
+    monkeypatch.setenv("MATCHALL_MAX_RUN_ATTEMPTS", "many")
+    with pytest.raises(Exception, match="MATCHALL_MAX_RUN_ATTEMPTS must be a whole number from 1 to 100"):
+        tick(instance, defs, READINESS)
+
+
 def test_an_expired_run_is_recorded_as_run_not_expired(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
