@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from matchall_dagster.checks import API_POOL, ASSET_KEY, run_metadata
-from matchall_dagster.errors import ActiveCampaignError, SegmentNotFoundError
+from matchall_dagster.errors import ActiveCampaignError, AuthenticationError, SegmentNotFoundError
 from matchall_dagster.models import MatchAllRun
 from matchall_dagster.partitions import segments_partitions, tracked
 from matchall_dagster.resource import ActiveCampaignResource
@@ -50,6 +50,7 @@ def start_match_all_runs(
     assert segments_partitions.name is not None
     segment_ids = tracked(config.segment_ids or context.instance.get_dynamic_partitions(segments_partitions.name))
     failures: dict[str, str] = {}
+    started = 0
     with activecampaign.get_client() as client:
         for segment_id in segment_ids:
             try:
@@ -57,13 +58,16 @@ def start_match_all_runs(
             except SegmentNotFoundError as exc:
                 context.log.warning(f"Skipped segment {segment_id}: {exc}")
                 continue
+            except AuthenticationError as exc:  # the same for every segment: stop at once
+                raise dg.Failure(description=str(exc)) from None
             except ActiveCampaignError as exc:
                 context.log.error(f"Could not start a run of segment {segment_id}: {exc}")
                 failures[segment_id] = str(exc)
                 continue
             context.log_event(pending_observation(segment_id, run, sort))
             context.log.info(f"Started run {run.run_id} of segment {segment_id}.")
-    context.log.info(f"Started {len(segment_ids) - len(failures)} of {len(segment_ids)} segment run(s).")
+            started += 1
+    context.log.info(f"Started runs for {started} of {len(segment_ids)} segment(s).")
     if failures:
         raise dg.Failure(
             description=f"{len(failures)} of {len(segment_ids)} segment(s) could not be started; see the log. "

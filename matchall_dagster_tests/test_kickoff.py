@@ -66,6 +66,19 @@ def test_unknown_segments_are_skipped_and_api_failures_fail_the_job_after_the_ot
     assert "1 of 1 segment(s) could not be started" in failure.message
 
 
+def test_a_refused_token_stops_the_kickoff_at_the_first_segment(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+) -> None:
+    refused = ActiveCampaignResource(api_url=server.url, api_key="not-the-token")
+    result = kickoff(instance, defs, {"activecampaign": refused}, segment_ids=["1", "10001", "25001"])
+    assert not result.success
+    assert server.simulator.stats()["requests"] == 1
+    failure = result.get_step_failure_events()[0].step_failure_data
+    assert failure.user_failure_data is not None
+    assert "refused the API token" in str(failure.user_failure_data.description)
+    assert "not-the-token" not in str(failure.user_failure_data.description)
+
+
 def test_a_bad_sort_fails_before_any_request(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
