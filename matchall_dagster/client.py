@@ -72,8 +72,6 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 # sleep overshoot); widening each window by this much keeps the server's count within the limit.
 _WINDOW_GUARD_MS = 15
 _MAX_BODY_BYTES = 32 * 1024 * 1024
-# 0.5 s, 1 s, 2 s, ... up to 30 s, each plus up to 0.5 s of jitter so that clients spread out.
-_BACKOFF = tenacity.wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 
 
 class _RetryableError(APIUnavailableError):
@@ -133,6 +131,7 @@ class ActiveCampaignClient:
         timeout: float = 30.0,
         max_retries: int = 6,
         max_retry_wait: float = 120.0,
+        retry_backoff: float = 0.5,
         requests_per_second: float = 5.0,
         page_size: int = MAX_PAGE_SIZE,
         max_concurrent_requests: int = 8,
@@ -175,6 +174,11 @@ class ActiveCampaignClient:
         self._timeout = float(timeout)
         self._max_retries = max_retries
         self._max_retry_wait = max_retry_wait
+        if not (isinstance(retry_backoff, int | float) and retry_backoff >= 0):
+            raise InvalidInputError(f"retry_backoff must be a number of seconds of at least 0, not {retry_backoff!r}.")
+        # retry_backoff, twice that, four times, ... up to 30 s, each plus up to as much again of
+        # jitter so that clients spread out.
+        self._backoff_wait = tenacity.wait_exponential_jitter(multiplier=retry_backoff, max=30.0, jitter=retry_backoff)
         self._sleep = sleep
         self._clock = clock
         self._limiter = Limiter(_window_rate(self.requests_per_second), buffer_ms=1)
@@ -480,7 +484,7 @@ class ActiveCampaignClient:
         raise AssertionError("unreachable")
 
     def _backoff(self, state: tenacity.RetryCallState) -> float:
-        backoff = _BACKOFF(state)
+        backoff = self._backoff_wait(state)
         exc = state.outcome.exception() if state.outcome else None
         retry_after = exc.retry_after if isinstance(exc, _RetryableError) else None
         return min(max(backoff, retry_after or 0.0), self._max_retry_wait)

@@ -31,6 +31,9 @@ class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
     max_retries: int = Field(
         default=6, ge=0, le=20, description="Retries of one request on 429, 5xx, network faults and bad bodies."
     )
+    retry_backoff: float = Field(
+        default=0.5, ge=0, description="Seconds before the first retry; doubles with each further one (up to 30 s)."
+    )
     requests_per_second: float = Field(
         default=5.0,
         gt=0,
@@ -60,6 +63,7 @@ class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
             self.api_key,
             timeout=request_timeout or self.request_timeout,
             max_retries=self.max_retries if max_retries is None else max_retries,
+            retry_backoff=self.retry_backoff,
             requests_per_second=requests_per_second or self.requests_per_second,
             page_size=self.page_size,
             max_concurrent_requests=self.max_concurrent_requests,
