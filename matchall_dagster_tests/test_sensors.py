@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -22,7 +23,7 @@ from matchall_dagster.sensors import (
     poll_delay,
 )
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
-from matchall_dagster_tests.conftest import ServeSimulator, sensor_context
+from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, sensor_context
 
 READINESS = "match_all_readiness_sensor"
 DISCOVERY = "segment_discovery_sensor"
@@ -326,3 +327,73 @@ def test_the_requested_check_runs_record_the_verdict_on_the_partition(
         dg.AssetCheckKey(dg.AssetKey("segment_matches"), RUN_NOT_EXPIRED), limit=5
     )
     assert [(record.partition, record.status.value) for record in expired] == [("88", "FAILED")]
+
+
+class _Killed(BaseException):
+    """Stands for the evaluation being killed (time-out, crash): nothing after it runs."""
+
+
+def test_killed_ticks_forget_no_run_and_materialize_none_twice(
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    server: SimulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ticks are killed at random points; as in the daemon, a killed tick's cursor is not saved."""
+    import random
+
+    monkeypatch.setattr("matchall_dagster.sensors.SENSOR_REQUESTS_PER_SECOND", 1000.0)
+    segments = ["1", "9999", "10000", "10001", "25001", UUID_SEGMENT, "100", "77"]
+    record_pending(instance, server, *segments)
+    rng = random.Random(5)
+    real_poll = ActiveCampaignClient.poll_run
+    real_start = ActiveCampaignClient.start_run
+    real_fetch = dg.DagsterInstance.fetch_observations
+
+    def maybe_kill() -> None:
+        if rng.random() < 0.15:
+            raise _Killed
+
+    def poll(self: ActiveCampaignClient, *args: Any, **kwargs: Any) -> RunStatus:
+        maybe_kill()
+        status = real_poll(self, *args, **kwargs)
+        maybe_kill()
+        return status
+
+    def start(self: ActiveCampaignClient, *args: Any, **kwargs: Any) -> MatchAllRun:
+        maybe_kill()
+        return real_start(self, *args, **kwargs)
+
+    def fetch(self: dg.DagsterInstance, *args: Any, **kwargs: Any) -> Any:
+        maybe_kill()
+        return real_fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActiveCampaignClient, "poll_run", poll)
+    monkeypatch.setattr(ActiveCampaignClient, "start_run", start)
+    monkeypatch.setattr(dg.DagsterInstance, "fetch_observations", fetch)
+
+    cursor: str | None = None
+    requested: list[str] = []
+    killed = 0
+    for _ in range(80):
+        try:
+            data = tick(instance, defs, READINESS, cursor)
+        except _Killed:
+            killed += 1
+            continue
+        requested.extend(request.run_key or "" for request in data.run_requests)
+        for event in data.asset_events:  # the daemon stores a successful tick's events
+            instance.report_runless_asset_event(event)
+        state = ReadinessCursor.model_validate_json(data.cursor or "")
+        for run in state.pending:  # make everything due at once instead of waiting
+            run.next_poll_at = 0
+        cursor = state.model_dump_json()
+        if not state.pending:
+            break
+    assert killed > 0
+    assert ReadinessCursor.model_validate_json(cursor or "").pending == []  # nothing forgotten, nothing left
+    assert len(requested) == len(set(requested))  # nothing requested twice
+    materialized = sorted(key.split("/")[0] for key in requested if key.count("/") == 1)
+    assert materialized == sorted(s for s in segments if s != "77")
+    failed_checks = [key for key in requested if key.startswith("77/")]
+    assert len(failed_checks) == 3  # one run_not_failed check per failed attempt
