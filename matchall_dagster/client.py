@@ -542,8 +542,8 @@ class ActiveCampaignClient:
         for detail in parse_error_details(body)[:3]:
             text = ": ".join(part for part in (detail.title, detail.detail) if part)
             if text:
-                parts.append(text[:200])
-        text = "; ".join(parts).replace(self._api_key, "[redacted]")
+                parts.append(text.replace(self._api_key, "[redacted]")[:200])  # scrub, then cut
+        text = "; ".join(parts)
         return f": {text}" if text else ""
 
     def _pause_all(self, seconds: float) -> None:
@@ -619,8 +619,12 @@ class _Layout:
                 f"{where} reads as not ready: the run was started again, most likely because "
                 f"someone asked for it in another sort order."
             )
-        if run.run_id != self.run_id or run.page is None or run.matches is None:
-            raise InconsistentResultError(f"{where} does not belong to that run or lacks its ids.")
+        if run.run_id != self.run_id or run.segment_id != self.segment_id:
+            raise InconsistentResultError(
+                f"{where} does not belong to that run: it names run {run.run_id!r} of segment {run.segment_id!r}."
+            )
+        if run.page is None or run.matches is None:
+            raise InconsistentResultError(f"{where} lacks its paging or its ids.")
         page = run.page
         expected = min(self.per_page, self.total - (number - 1) * self.per_page) if self.total else 0
         if (page.total, page.per_page, page.current_page) != (self.total, self.per_page, number):

@@ -10,9 +10,10 @@ import enum
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from matchall_dagster.errors import InvalidResponseError
+from matchall_dagster.validation import validate_id
 
 __all__ = [
     "ApiErrorDetail",
@@ -27,7 +28,10 @@ __all__ = [
 ]
 
 _INT32_MAX = 2**31 - 1
-ContactId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# Strict: a `true` or a "1_2" in place of an id is a broken answer, not contact 1 or 12.
+ContactId = Annotated[int, Field(ge=1, le=2**63 - 1, strict=True)]
+# Segment ids become partition keys and path segments: the rules of the ids we send.
+SegmentId = Annotated[str, AfterValidator(validate_id)]
 
 
 class _Record(BaseModel):
@@ -55,7 +59,7 @@ class MatchAllRun(_Record):
     run_id: str = Field(min_length=1)
     run_id_start: datetime
     run_id_end: datetime | None = None
-    is_ready: bool
+    is_ready: bool = Field(strict=True)
     segment_id: str
     segment_timestamp: datetime | None = None
     matches: list[ContactId] | None = None
@@ -90,7 +94,7 @@ class _MatchAllEnvelope(_Record):
 class Segment(_Record):
     """A saved segment ("audience") of the account."""
 
-    id: str = Field(min_length=1)
+    id: SegmentId
     name: str = ""
     last_total: int | None = Field(default=None, ge=0)
 

@@ -139,12 +139,21 @@ def validate_api_url(api_url: object) -> str:
     hint = "Copy it from ActiveCampaign under Settings > Developer, e.g. https://youraccount.api-us1.com"
     if not isinstance(api_url, str) or not api_url.strip():
         raise InvalidInputError(f"The API URL is empty. {hint} (ACTIVECAMPAIGN_API_URL).")
+    if "@" in api_url:
+        # Never echo the URL here: its user-info may hold a password.
+        raise InvalidInputError(
+            "The API URL carries a user name or password; remove them. The API token goes in "
+            "ACTIVECAMPAIGN_API_KEY, never in the URL."
+        )
     try:
         url = httpx.URL(api_url.strip())
     except httpx.InvalidURL as exc:
-        raise InvalidInputError(f"The API URL {_shown(api_url)} cannot be parsed ({exc}). {hint}.") from None
+        raise InvalidInputError(
+            f"The API URL cannot be parsed ({exc}); it is not shown, as it may hold a key. {hint}."
+        ) from None
+    shown = _shown(str(url.copy_with(query=None, fragment=None)))  # a query may hold a key (v1 URLs did)
     if url.scheme not in ("https", "http") or not url.host:
-        raise InvalidInputError(f"The API URL {_shown(api_url)} is not an http(s) URL with a host. {hint}.")
+        raise InvalidInputError(f"The API URL {shown} is not an http(s) URL with a host. {hint}.")
     if url.userinfo:
         # Never echo the URL here: its user-info may hold a password.
         raise InvalidInputError(
@@ -153,12 +162,14 @@ def validate_api_url(api_url: object) -> str:
         )
     if url.scheme == "http" and not is_loopback_host(url.host):
         raise InvalidInputError(
-            f"The API URL {_shown(api_url)} uses plain http to {url.host!r}; the token would travel "
+            f"The API URL {shown} uses plain http to {url.host!r}; the token would travel "
             f"unencrypted. Use https (plain http is accepted only for 127.0.0.1/localhost, the simulator)."
         )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise InvalidInputError(f"The API URL has port {url.port}; ports run from 1 to 65535. {hint}.")
     if url.path not in ("", "/") or url.query or url.fragment:
         raise InvalidInputError(
-            f"The API URL {_shown(api_url)} has a path, query or fragment; give the account's base "
-            f"URL only (the client adds /api/3/...). {hint}."
+            f"The API URL {shown} has a path, query or fragment (not shown: it may hold a key); give "
+            f"the account's base URL only (the client adds /api/3/...). {hint}."
         )
     return str(url.copy_with(path="/")).rstrip("/")
