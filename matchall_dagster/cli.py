@@ -144,8 +144,15 @@ def _fault_options(func: Callable[..., Any]) -> Callable[..., Any]:
             ("truncate_rate", "Share of answers cut short (invalid JSON)."),
             ("burst_429_rate", "Chance that a request starts a burst of 429s."),
             ("burst_429_length", "429s in a burst."),
+            ("burst_429_retry_after_seconds", "Retry-After of burst 429s (0: retry at once)."),
             ("slow_rate", "Share of answers delayed by --slow-ms (time-outs)."),
             ("slow_ms", "Delay of slow answers."),
+            ("non_json_rate", "Share of answers that are 200 with an HTML page instead of JSON."),
+            ("total_drift_rate", "Share of ready pages whose page.total differs from the run's."),
+            ("duplicate_rate", "Share of ready pages with one id of another page in place of one of theirs."),
+            ("short_page_rate", "Share of ready pages before the last that hold fewer than per_page ids."),
+            ("rekick_rate", "Share of reads of page 2+ that find the run searching again (as after a sort change)."),
+            ("rekick_ms", "How long such a run searches again."),
         ]
     ):
         default = getattr(Faults(), name)

@@ -353,6 +353,12 @@ class ActiveCampaignClient:
             finally:
                 for _, future in pending:
                     future.cancel()
+        if layout.total and layout.total % layout.per_page == 0:
+            # Pages that fill their total exactly also look like this when the total told is too
+            # small, and then nothing else contradicts it: the page after the last must be empty
+            # and tell the same total (the API's paginator answers pages past the end so).
+            beyond = layout.last_page + 1
+            layout.accept(self.get_run(segment_id, run_id, sort=sort, page=beyond, page_size=layout.per_page), beyond)
 
     def fetch_matches(
         self,

@@ -12,6 +12,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -22,10 +23,12 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
+from click.testing import CliRunner
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from starlette.responses import JSONResponse
 
+from matchall_dagster import cli
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,
@@ -817,3 +820,228 @@ def test_a_10000_id_page_costs_milliseconds(capsys: pytest.CaptureFixture[str]) 
         print(f"\n10,000-id page: {direct_ms:.2f} ms to build and encode, {asgi_ms:.2f} ms through the ASGI app")
     assert asgi_ms < 50
     assert direct_ms < 50
+
+
+# -- 4. the faults of the fault-injection campaign ------------------------------------------------
+
+
+def not_ready_page(server: SimulatorServer, path: str, page: int, **params: Any) -> dict[str, Any]:
+    """A page past the first that answers not ready: it has no `page` to number its data id by."""
+    response = get(server, path, page=page, **params)
+    assert response.status_code == 200, response.text
+    (data,) = response.json()["data"]
+    assert data["id"] == f"{data['attributes']['run_id']}-{page}"
+    attributes: dict[str, Any] = data["attributes"]
+    assert attributes["is_ready"] is False
+    return attributes
+
+
+def pages_of(
+    server: SimulatorServer, segment_id: str, run_id: str, pages: range, **params: Any
+) -> list[dict[str, Any]]:
+    return [read(server, segment_id, run_id, page=page, **params) for page in pages]
+
+
+def test_injected_total_drift_tells_another_total_with_its_own_last_page(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator(seed=3)
+    run_id = start(server, "25001")["run_id"]
+    empty_run = start(server, "100")["run_id"]
+    server.simulator.set_faults(Faults(total_drift_rate=1.0))
+    truth = server.simulator.truth("25001")
+    for number, attributes in enumerate(pages_of(server, "25001", run_id, range(1, 4), page_size=10_000), 1):
+        page = attributes["page"]
+        assert page["total"] != 25_001
+        assert abs(page["total"] - 25_001) <= 3
+        assert page["last_page"] == -(-page["total"] // 10_000)  # a page consistent with itself
+        assert (page["current_page"], page["per_page"]) == (number, 10_000)
+        assert attributes["matches"] == truth[(number - 1) * 10_000 : number * 10_000]  # the ids are right
+    empty = read(server, "100", empty_run)
+    assert 1 <= empty["page"]["total"] <= 3  # never below zero
+    assert empty["matches"] == []
+    assert server.simulator.stats()["faults_injected"] == {"total_drift": 4}
+
+
+def test_injected_duplicates_replace_one_id_by_an_id_of_another_page(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator(seed=4)
+    run_id = start(server, "25001")["run_id"]
+    single = start(server, "9999")["run_id"]
+    server.simulator.set_faults(Faults(duplicate_rate=1.0))
+    truth = server.simulator.truth("25001")
+    for number in (1, 2, 3):
+        attributes = read(server, "25001", run_id, page=number, page_size=10_000)
+        expected = truth[(number - 1) * 10_000 : number * 10_000]
+        matches = attributes["matches"]
+        assert len(matches) == len(expected)
+        (changed,) = [i for i, (got, due) in enumerate(zip(matches, expected, strict=True)) if got != due]
+        assert matches[changed] in truth
+        assert matches[changed] not in expected  # it belongs to another page
+        assert attributes["page"]["total"] == 25_001
+    # A run of one page has no other page to take an id from.
+    assert read(server, "9999", single, page_size=10_000)["matches"] == server.simulator.truth("9999")
+    assert server.simulator.stats()["faults_injected"] == {"duplicate": 3}
+
+
+def test_injected_short_pages_lose_ids_before_the_last_page_only(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator(seed=5)
+    run_id = start(server, "25001")["run_id"]
+    server.simulator.set_faults(Faults(short_page_rate=1.0))
+    truth = server.simulator.truth("25001")
+    first, second, last = pages_of(server, "25001", run_id, range(1, 4), page_size=10_000)
+    for number, attributes in ((1, first), (2, second)):
+        expected = truth[(number - 1) * 10_000 : number * 10_000]
+        matches = attributes["matches"]
+        assert len(matches) < 10_000
+        cut = next((i for i, (got, due) in enumerate(zip(matches, expected, strict=False)) if got != due), len(matches))
+        missing = len(expected) - len(matches)
+        assert matches == expected[:cut] + expected[cut + missing :]  # one run of ids is gone
+        assert attributes["page"] == {"current_page": number, "last_page": 3, "per_page": 10_000, "total": 25_001}
+    assert last["matches"] == truth[20_000:]  # the last page is as it should be
+    assert server.simulator.stats()["faults_injected"] == {"short_page": 2}
+
+
+def test_injected_non_json_bodies_are_200_with_an_html_page(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator(faults=Faults(non_json_rate=1.0))
+    for path in ("/api/3/audiences", "/api/3/segmentMatchAll/1"):
+        response = get(server, path)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert response.content.startswith(b"<!DOCTYPE html>")
+        with pytest.raises(ValueError, match="Expecting value"):
+            json.loads(response.content)
+    error_of(get(server, "/api/3/segmentMatchAll/404"), 404, "404 NOT_FOUND")  # only 200s are replaced
+    assert server.simulator.stats()["faults_injected"] == {"non_json": 2}
+
+
+def test_an_injected_rekick_turns_a_ready_run_not_ready_mid_read(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator()
+    started = start(server, "25001", sort="email")
+    run_id = started["run_id"]
+    server.simulator.set_faults(Faults(rekick_rate=1.0, rekick_ms=60_000))
+    assert read(server, "25001", run_id, sort="email", page_size=1_000)["is_ready"] is True  # page 1: no
+    rekicked = not_ready_page(server, f"/api/3/segmentMatchAll/25001/{run_id}", 2, sort="email", page_size=1_000)
+    assert rekicked["run_id"] == run_id
+    assert rekicked["run_id_start"] == started["run_id_start"]
+    assert not {"run_id_end", "matches", "page"} & rekicked.keys()  # running, not failed
+    assert read(server, "25001", run_id, sort="email")["is_ready"] is False  # searching again, for a minute
+    # Match-some reads the same run (still searching), and never re-kicks it itself.
+    not_ready_page(server, f"/api/3/segmentMatchSome/25001/{run_id}", 2)
+    assert server.simulator.stats()["faults_injected"] == {"rekick": 1}
+
+    server.simulator.advance_clock(61)
+    server.simulator.set_faults(Faults())
+    again = read(server, "25001", run_id, sort="email", page=2, page_size=1_000)
+    assert again["is_ready"] is True
+    assert again["matches"] == server.simulator.truth("25001", "email")[1_000:2_000]
+    assert when(again["run_id_end"]) > when(started["run_id_end"])  # its search ended again, later
+
+
+def test_a_rekick_of_zero_ms_answers_not_ready_once(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator()
+    run_id = start(server, "10001")["run_id"]
+    server.simulator.set_faults(Faults(rekick_rate=1.0, rekick_ms=0))
+    not_ready_page(server, f"/api/3/segmentMatchAll/10001/{run_id}", 2, page_size=5_000)
+    server.simulator.set_faults(Faults())
+    assert read(server, "10001", run_id, page=2, page_size=5_000)["is_ready"] is True
+    # Failed runs are not re-kicked: they stay failed.
+    failing = start(server, "77", instant="")["run_id"]
+    server.simulator.set_faults(Faults(rekick_rate=1.0, rekick_ms=0))
+    assert "run_id_end" in not_ready_page(server, f"/api/3/segmentMatchAll/77/{failing}", 2)
+    assert server.simulator.stats()["faults_injected"] == {"rekick": 1}
+
+
+@pytest.mark.parametrize("seconds", [0, 7])
+def test_the_retry_after_of_burst_429s_is_configurable(serve_simulator: ServeSimulator, seconds: int) -> None:
+    server = serve_simulator(
+        faults=Faults(burst_429_rate=1.0, burst_429_length=1, burst_429_retry_after_seconds=seconds)
+    )
+    response = get(server, "/api/3/audiences")
+    error_of(response, 429)
+    assert response.headers["Retry-After"] == str(seconds)
+    server.simulator.set_faults(Faults(burst_429_rate=1.0, burst_429_retry_after=False))
+    assert "Retry-After" not in get(server, "/api/3/audiences").headers
+
+
+def test_the_new_fault_settings_are_checked() -> None:
+    for bad in (
+        {"non_json_rate": 1.01},
+        {"total_drift_rate": -0.5},
+        {"duplicate_rate": 2.0},
+        {"short_page_rate": -1e-9},
+        {"rekick_rate": 1.5},
+        {"rekick_ms": -1.0},
+        {"burst_429_retry_after_seconds": -1},
+    ):
+        with pytest.raises(ValueError, match="must"):
+            Faults(**bad)
+    assert not Faults().page_faults
+    assert Faults(short_page_rate=0.1).page_faults
+
+
+def test_reseeding_repeats_the_faults_and_ends_a_burst(serve_simulator: ServeSimulator) -> None:
+    faults = Faults(error_rate=0.3, non_json_rate=0.3, burst_429_rate=0.2, burst_429_length=4)
+    server = serve_simulator(faults=faults)
+
+    def statuses(seed: int) -> list[str]:
+        server.simulator.reseed(seed)
+        seen = []
+        for _ in range(25):
+            response = get(server, "/api/3/audiences")
+            seen.append(f"{response.status_code} {response.headers['content-type'].split(';')[0]}")
+        return seen
+
+    first = statuses(9)
+    assert statuses(9) == first
+    assert statuses(10) != first
+    assert {"200 application/json", "200 text/html", "429 application/json"} <= set(first)
+    server.simulator.set_faults(Faults(burst_429_rate=1.0, burst_429_length=100))
+    assert get(server, "/api/3/audiences").status_code == 429
+    server.simulator.set_faults(Faults())
+    assert get(server, "/api/3/audiences").status_code == 429  # the burst goes on ...
+    server.simulator.reseed(0)
+    assert get(server, "/api/3/audiences").status_code == 200  # ... until a reseed ends it
+
+
+def test_every_fault_is_an_option_of_matchall_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[Simulator] = []
+    monkeypatch.setattr(cli, "serve", lambda simulator, **_: served.append(simulator))
+    settings = {
+        "non_json_rate": 0.25,
+        "total_drift_rate": 0.5,
+        "duplicate_rate": 0.125,
+        "short_page_rate": 0.75,
+        "rekick_rate": 0.0625,
+        "rekick_ms": 250.0,
+        "burst_429_retry_after_seconds": 0,
+    }
+    env = {f"MATCHALL_SIM_{name.upper()}": str(value) for name, value in settings.items()}
+    result = CliRunner().invoke(cli.main, ["simulator"], env=env)
+    assert result.exit_code == 0, result.output
+    (simulator,) = served
+    assert {name: getattr(simulator.faults, name) for name in settings} == settings
+
+    help_text = CliRunner().invoke(cli.main, ["simulator", "--help"]).output
+    for name in (field.name for field in fields(Faults)):
+        if name != "burst_429_retry_after":  # a flag of its own: --[no-]burst-429-retry-after
+            assert f"--{name.replace('_', '-')}" in help_text, name
+    refused = CliRunner().invoke(cli.main, ["simulator", "--duplicate-rate", "1.5"])
+    assert refused.exit_code == 1
+    assert "duplicate_rate must be between 0 and 1" in refused.output
+
+
+def test_a_10000_id_page_with_every_page_fault_costs_milliseconds(capsys: pytest.CaptureFixture[str]) -> None:
+    faults = Faults(total_drift_rate=1.0, duplicate_rate=1.0, short_page_rate=1.0)
+    simulator = Simulator(make_account(), SimulatorConfig(requests_per_second=0, ready_after=0, faults=faults))
+    segment = simulator.account.segment("1000000")
+    assert segment is not None
+    run = simulator.start_run(segment, "-email")
+    simulator._run_body(run, 37, 10_000)  # computes and caches the million-id order
+    seconds = []
+    for _ in range(20):
+        began = time.perf_counter()
+        JSONResponse(simulator._run_body(run, 37, 10_000))
+        seconds.append(time.perf_counter() - began)
+    spoiled_ms = statistics.median(seconds) * 1_000
+    with capsys.disabled():
+        print(f"\n10,000-id page with drift, a duplicate and ids cut: {spoiled_ms:.2f} ms to build and encode")
+    assert spoiled_ms < 50
+    assert simulator.stats()["faults_injected"] == {"total_drift": 21, "duplicate": 21, "short_page": 21}

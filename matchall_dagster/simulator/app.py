@@ -28,10 +28,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from matchall_dagster.errors import InvalidInputError
-from matchall_dagster.simulator.account import Behavior, SimAccount, SimSegment
+from matchall_dagster.simulator.account import Behavior, ContactIds, SimAccount, SimSegment
 from matchall_dagster.validation import MAX_PAGE_SIZE, parse_sort, validate_id
 
 DEFAULT_TOKEN = "simulator-token"  # noqa: S105  # the simulator's public demo token, not a secret
+# What a proxy or load balancer in front of the API sends when it answers for it.
+_HTML_ERROR_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Service Temporarily Unavailable</title></head>"
+    b"<body><h1>Service Temporarily Unavailable</h1><p>Please try again in a few moments.</p></body></html>\n"
+)
 
 
 @dataclass(frozen=True)
@@ -46,16 +51,30 @@ class Faults:
     burst_429_rate: float = 0.0  # starts a burst of 429 answers
     burst_429_length: int = 3
     burst_429_retry_after: bool = True  # send Retry-After with burst 429s
+    burst_429_retry_after_seconds: int = 1  # its value (0: retry at once)
     slow_rate: float = 0.0  # answered after `slow_ms` (to provoke client time-outs)
     slow_ms: float = 0.0
+    non_json_rate: float = 0.0  # answered 200 with an HTML page instead of JSON
+    # Faults of the data of a ready run's page (every match-all call that answers one):
+    total_drift_rate: float = 0.0  # page.total (and last_page with it) differs from the run's by 1 to 3
+    duplicate_rate: float = 0.0  # one id of the page replaced by an id of another page
+    short_page_rate: float = 0.0  # a page before the last one holds fewer than per_page ids
+    # A read of page 2 or later finds the run not ready, as after a sort change elsewhere: the
+    # run searches again for `rekick_ms` (its ready_at moves that far into the future).
+    rekick_rate: float = 0.0
+    rekick_ms: float = 100.0
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
             if item.name.endswith("_rate") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"fault {item.name} must be between 0 and 1, not {value!r}")
-            if (item.name.endswith("_ms") or item.name == "burst_429_length") and value < 0:
+            if item.name.endswith(("_ms", "_length", "_seconds")) and value < 0:
                 raise ValueError(f"fault {item.name} must not be negative, not {value!r}")
+
+    @property
+    def page_faults(self) -> bool:
+        return bool(self.total_drift_rate or self.duplicate_rate or self.short_page_rate)
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,13 @@ class Simulator:
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
 
+    def reseed(self, seed: int) -> None:
+        """Draw faults (and run ids) from `seed` from now on, and end a burst of 429s in progress,
+        so that a campaign can give each scenario its own reproducible faults on one server."""
+        with self._lock:
+            self._rng.seed(seed)
+            self._burst_left = 0
+
     def truth(self, segment_id: str, sort: str = "id") -> list[int]:
         """The exact list a complete read of a run of this segment in this sort must give."""
         return [int(x) for x in self.account.ordered(segment_id, sort)]
@@ -204,9 +230,9 @@ class Simulator:
         run.sort = sort
         run.ready_at = self.now() + ready_after
 
-    def _run_body(self, run: SimRun, page: int, page_size: int) -> dict[str, Any]:
+    def _run_body(self, run: SimRun, page: int, page_size: int, *, rekicked: bool = False) -> dict[str, Any]:
         now = self.now()
-        finished = now >= run.ready_at
+        finished = now >= run.ready_at and not rekicked
         ready = finished and run.segment.behavior is not Behavior.FAIL
         attributes: dict[str, Any] = {
             "run_id": run.run_id,
@@ -220,7 +246,10 @@ class Simulator:
         if ready:
             ordered = self.account.ordered(run.segment.id, run.sort)
             total = int(ordered.size)
-            attributes["matches"] = ordered[(page - 1) * page_size : page * page_size].tolist()
+            matches = ordered[(page - 1) * page_size : page * page_size].tolist()
+            if self.faults.page_faults:
+                total = self._inject_page_fault(ordered, page, page_size, matches)
+            attributes["matches"] = matches
             attributes["page"] = {
                 "current_page": page,
                 "last_page": max(1, math.ceil(total / page_size)),
@@ -228,6 +257,46 @@ class Simulator:
                 "total": total,
             }
         return {"data": [{"id": f"{run.run_id}-{page}", "type": "matchAll", "attributes": attributes}]}
+
+    def _inject_page_fault(self, ordered: ContactIds, page: int, page_size: int, matches: list[int]) -> int:
+        """Spoil a ready page's ids in place as the faults say; returns the total the page tells."""
+        faults = self.faults
+        size = int(ordered.size)
+        total = size
+        with self._lock:
+            rng = self._rng
+            if faults.total_drift_rate and rng.random() < faults.total_drift_rate:
+                drift = rng.choice((-3, -2, -1, 1, 2, 3))
+                total = size + (drift if size + drift >= 0 else -drift)
+                self._injected["total_drift"] += 1
+            others = size - len(matches)  # ids on the other pages
+            if faults.duplicate_rate and matches and others > 0 and rng.random() < faults.duplicate_rate:
+                other = rng.randrange(others)
+                first = (page - 1) * page_size
+                matches[rng.randrange(len(matches))] = int(ordered[other if other < first else other + len(matches)])
+                self._injected["duplicate"] += 1
+            last_page = math.ceil(size / page_size)
+            if faults.short_page_rate and page < last_page and rng.random() < faults.short_page_rate:
+                missing = rng.randint(1, len(matches))
+                start = rng.randrange(len(matches) - missing + 1)
+                del matches[start : start + missing]
+                self._injected["short_page"] += 1
+        return total
+
+    def _maybe_rekick(self, run: SimRun, page: int) -> bool:
+        """The re-kick fault: a ready run read at page 2 or later searches again for a moment."""
+        faults = self.faults
+        if not faults.rekick_rate or page < 2 or run.segment.behavior is Behavior.FAIL:
+            return False
+        now = self.now()
+        if now < run.ready_at:
+            return False
+        with self._lock:
+            if self._rng.random() >= faults.rekick_rate:
+                return False
+            self._injected["rekick"] += 1
+        run.ready_at = now + faults.rekick_ms / 1000
+        return True
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -298,7 +367,7 @@ class Simulator:
         if delay:
             await asyncio.sleep(delay / 1000)
         if in_burst:
-            headers = {"Retry-After": "1"} if faults.burst_429_retry_after else {}
+            headers = {"Retry-After": str(faults.burst_429_retry_after_seconds)} if faults.burst_429_retry_after else {}
             return _error(429, "Too Many Requests", "Slow down.", headers=headers)
         if roll < faults.error_rate:
             with self._lock:
@@ -333,6 +402,9 @@ class Simulator:
                 self._injected["truncated"] += 1
                 cut = self._rng.randrange(0, max(1, len(response.body) - 1))
                 return Response(response.body[:cut], media_type="application/json")
+            if roll < faults.reset_rate + faults.truncate_rate + faults.non_json_rate:
+                self._injected["non_json"] += 1
+                return Response(_HTML_ERROR_PAGE, media_type="text/html")
         return response
 
     def _segment(self, request: Request) -> SimSegment | None:
@@ -382,6 +454,8 @@ class Simulator:
             return _error(404, "Not Found", "Segment or RunId not found", label="404 NOT_FOUND")
         if sort != run.sort:
             self._rekick(run, sort)  # a different sort throws the cached result-set away
+        elif self._maybe_rekick(run, page):
+            return JSONResponse(self._run_body(run, page, page_size, rekicked=True))
         return JSONResponse(self._run_body(run, page, page_size))
 
     async def _match_some(self, request: Request) -> Response:
