@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matchall_dagster import InvalidResponseError, RunState
@@ -104,3 +104,41 @@ def test_error_details_with_varying_status_forms() -> None:
         ("404 NOT_FOUND", "Not Found", None),
         ("400", None, "d"),
     ]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=30,
+)
+_FIELDS = st.sampled_from([*READY, "page", "current_page", "last_page", "per_page", "total", "data", "attributes"])
+
+
+@st.composite
+def _mutated_answers(draw: st.DrawFn) -> bytes:
+    """A valid ready answer with some fields replaced by arbitrary JSON, or cut short."""
+    attributes: dict[str, Any] = json.loads(json.dumps(READY))
+    for _ in range(draw(st.integers(0, 4))):
+        field = draw(_FIELDS)
+        target = attributes["page"] if field in ("current_page", "last_page", "per_page", "total") else attributes
+        if isinstance(target, dict):
+            target[field] = draw(_JSON)
+    whole = body(attributes)
+    return whole[: draw(st.integers(0, len(whole)))] if draw(st.booleans()) else whole
+
+
+@pytest.mark.campaign
+@settings(max_examples=5_000, deadline=None)
+@given(_mutated_answers() | _JSON.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=300))
+def test_fuzz_the_parsers_raise_only_their_own_error(data: bytes) -> None:
+    for parse in (parse_run, parse_segments):
+        try:
+            parsed = parse(data)
+        except InvalidResponseError:
+            continue
+        if parse is parse_run:  # whatever parses keeps the contract's invariants
+            run = parsed
+            assert not isinstance(run, tuple)
+            assert all(isinstance(i, int) and 1 <= i < 2**63 for i in run.matches or [])
+            assert run.page is None or run.page.total >= 0
+    parse_error_details(data)  # never raises
