@@ -1,9 +1,7 @@
 """ActiveCampaign segment memberships as Dagster assets."""
 
 import warnings as _warnings
-
-from dagster import BetaWarning as _BetaWarning
-from dagster import PreviewWarning as _PreviewWarning
+from typing import TYPE_CHECKING
 
 from matchall_dagster.client import ActiveCampaignClient, MatchList, MatchPage
 from matchall_dagster.errors import (
@@ -21,15 +19,25 @@ from matchall_dagster.errors import (
     UnexpectedResponseError,
 )
 from matchall_dagster.models import MatchAllRun, PageInfo, RunState, RunStatus, Segment
-from matchall_dagster.resource import ActiveCampaignResource
+
+if TYPE_CHECKING:
+    from matchall_dagster.resource import ActiveCampaignResource
 
 # Known and accepted, so kept out of every process's log: partitioned asset checks are a preview
 # of Dagster 1.13 (see the README), and Dagster's Definitions warns about a beta parameter that it
-# passes to our sensors itself.
-_warnings.filterwarnings("ignore", message="Specifying a partitions_def on an ", category=_PreviewWarning)
-_warnings.filterwarnings(
-    "ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`", category=_BetaWarning
-)
+# passes to our sensors itself. Matched by message, so that this module need not import Dagster.
+_warnings.filterwarnings("ignore", message="Specifying a partitions_def on an ")
+_warnings.filterwarnings("ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`")
+
+
+def __getattr__(name: str) -> object:
+    # The resource imports Dagster (half a second); the client and the command line do not need it.
+    if name == "ActiveCampaignResource":
+        from matchall_dagster.resource import ActiveCampaignResource
+
+        return ActiveCampaignResource
+    raise AttributeError(f"module 'matchall_dagster' has no attribute {name!r}")
+
 
 __all__ = [
     "APIUnavailableError",
