@@ -45,7 +45,6 @@ class PendingRun(BaseModel):
     segment_id: str
     run_id: str
     sort: str
-    started_at: float
     next_poll_at: float
     polls: int = 0
     attempt: int = 1
@@ -56,7 +55,6 @@ class _PendingRecord(BaseModel):
 
     run_id: str
     sort: str
-    run_started_at: float | None = None
     attempt: int = Field(default=1, alias=ATTEMPT)
 
 
@@ -176,7 +174,6 @@ def _read_new_pending(context: dg.SensorEvaluationContext, cursor: ReadinessCurs
                 segment_id=record.partition_key,
                 run_id=recorded.run_id,
                 sort=recorded.sort,
-                started_at=recorded.run_started_at or record.timestamp,
                 next_poll_at=now,
                 attempt=recorded.attempt,
             )
@@ -236,7 +233,6 @@ def match_all_readiness_sensor(
                             segment_id=run.segment_id,
                             run_id=fresh.run_id,
                             sort=run.sort,
-                            started_at=fresh.run_id_start.timestamp(),
                             next_poll_at=time.time() + FIRST_POLL_DELAY,
                             attempt=run.attempt + 1,
                         )

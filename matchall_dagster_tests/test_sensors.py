@@ -70,7 +70,7 @@ def materializations_of(data: dg.SensorExecutionData) -> list[str | None]:
 
 
 def pending(**changes: object) -> PendingRun:
-    run = PendingRun(segment_id="7", run_id="r", sort="id", started_at=0.0, next_poll_at=0.0)
+    run = PendingRun(segment_id="7", run_id="r", sort="id", next_poll_at=0.0)
     return run.model_copy(update=changes)
 
 
