@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -132,6 +133,67 @@ def segments() -> None:
                 click.echo(f"{segment.id}\t{size}\t{name}")
     except ActiveCampaignError as exc:
         _fail(str(exc))
+
+
+@main.command()
+@click.argument("segment_id")
+@click.option("--since", help="Only what was observed on or after this date (YYYY-MM-DD) or time (ISO 8601; UTC).")
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="MATCHALL_DUCKDB_PATH",
+    help="The DuckDB file; default MATCHALL_DUCKDB_PATH, else $DAGSTER_HOME/matchall.duckdb.",
+)
+@click.option("--contacts", is_flag=True, help="List each change (observed_at, change, contact_id, run_id) as CSV.")
+def changes(segment_id: str, since: str | None, database: Path | None, contacts: bool) -> None:
+    """Who joined and who left SEGMENT_ID at each materialization: one line per step, or every contact."""
+    import duckdb
+
+    from matchall_dagster import history
+
+    start = _parse_since(since) if since else None
+    path = database or Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb"
+    if not path.is_file():
+        _fail(f"No DuckDB file at {path}. Give --database, or set MATCHALL_DUCKDB_PATH or DAGSTER_HOME as Dagster's.")
+    try:
+        connection = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        _fail(
+            f"Could not open {path} for reading ({str(exc).splitlines()[0][:200]}). A running materialization may "
+            f"hold it: try again in a moment, or read a copy of the file."
+        )
+    with connection:
+        tables = {row[0] for row in connection.execute("select table_name from information_schema.tables").fetchall()}
+        if history.STEPS_TABLE not in tables:
+            _fail(f"{path} holds no membership history yet: materialize segment_membership_changes first.")
+        steps = history.steps_since(connection, segment_id, start)
+        if not steps:
+            if not history.has_history(connection, segment_id):
+                _fail(f"Segment {segment_id!r} has no membership history in {path}; check the segment id.")
+            click.echo(f"No changes of segment {segment_id} since {start:%Y-%m-%d %H:%M:%S} UTC.", err=True)
+            return
+        if contacts:
+            reader = history.changes_since(connection, segment_id, start).to_arrow_reader(100_000)
+            try:
+                with pa_csv.CSVWriter(sys.stdout.buffer, reader.schema, write_options=_CSV_OPTIONS) as writer:
+                    for batch in reader:
+                        writer.write_batch(batch)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(1)
+            return
+        click.echo("observed_at\trun_id\tmembers\tjoined\tleft")
+        for observed_at, run_id, members, joined, left in steps:
+            click.echo(f"{observed_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}\t{run_id}\t{members}\t{joined}\t{left}")
+
+
+def _parse_since(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since {value[:40]!r} is not a date: write it as YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM].")
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _fault_options(func: Callable[..., Any]) -> Callable[..., Any]:
