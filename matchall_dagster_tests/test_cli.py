@@ -12,16 +12,18 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
-from matchall_dagster import ActiveCampaignClient
+from matchall_dagster import ActiveCampaignClient, history
 from matchall_dagster import cli as cli_module
 from matchall_dagster.cli import main
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimulatorServer
@@ -518,3 +520,70 @@ def test_failed_write_to_stdout_names_stdout(
     assert_failed_cleanly(result, "No space left on device", tmp_path, None)
     assert "None" not in result.stderr
     assert "stdout" in result.stderr
+
+
+# -- matchall changes -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def history_file(tmp_path: Path) -> Path:
+    """Two steps of segment "s": 1, 2, 3 joined; then 1 left and 4 joined."""
+    path = tmp_path / "matchall.duckdb"
+    with duckdb.connect(str(path)) as connection:
+        connection.execute("create table segment_matches (segment_id varchar, position bigint, contact_id bigint)")
+        for n, ids in enumerate(([1, 2, 3], [2, 3, 4]), start=1):
+            connection.execute("delete from segment_matches")
+            connection.executemany("insert into segment_matches values ('s', ?, ?)", list(enumerate(ids, 1)))
+            when = datetime(2026, 11, n, 6, tzinfo=UTC)
+            history.record_step(connection, "s", source=str(n), run_id=f"run-{n}", observed_at=when)
+    return path
+
+
+def test_changes_prints_one_line_per_step(history_file: Path) -> None:
+    result = run_cli(["changes", "s", "--database", str(history_file)], {})
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "observed_at\trun_id\tmembers\tjoined\tleft",
+        "2026-11-01 06:00:00\trun-1\t3\t3\t0",
+        "2026-11-02 06:00:00\trun-2\t3\t1\t1",
+    ]
+
+
+def test_changes_lists_contacts_since_a_date(history_file: Path) -> None:
+    result = run_cli(
+        ["changes", "s", "--since", "2026-11-02", "--contacts"], {"MATCHALL_DUCKDB_PATH": str(history_file)}
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["observed_at", "change", "contact_id", "run_id"]
+    assert [(change, contact, run) for _, change, contact, run in rows[1:]] == [
+        ("joined", "4", "run-2"),
+        ("left", "1", "run-2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["changes", "nope"], "has no membership history"),
+        (["changes", "s", "--since", "last week"], "is not a date"),
+        (["changes", "s", "--since", "2030-01-01"], "No changes of segment s since 2030-01-01"),
+    ],
+)
+def test_changes_explains_what_it_cannot_show(history_file: Path, args: list[str], message: str) -> None:
+    result = run_cli([*args, "--database", str(history_file)], {})
+    assert message in result.stderr
+    assert result.exit_code == (0 if "No changes" in message else 1)
+    assert result.stdout == ""
+
+
+def test_changes_without_a_database_or_history_says_what_to_do(tmp_path: Path) -> None:
+    missing = run_cli(["changes", "s"], {"DAGSTER_HOME": str(tmp_path), "MATCHALL_DUCKDB_PATH": None})
+    assert missing.exit_code == 1
+    assert f"No DuckDB file at {tmp_path / 'matchall.duckdb'}" in missing.stderr
+
+    with duckdb.connect(str(tmp_path / "matchall.duckdb")) as connection:
+        connection.execute("create table segment_matches (segment_id varchar)")
+    empty = run_cli(["changes", "s"], {"DAGSTER_HOME": str(tmp_path), "MATCHALL_DUCKDB_PATH": None})
+    assert empty.exit_code == 1
+    assert "holds no membership history yet" in empty.stderr
