@@ -181,3 +181,21 @@ def materialize_segment(
         raise_on_error=raise_on_error,
         tags=tags,
     )
+
+
+@pytest.fixture(scope="session")
+def deployment() -> Iterator[Any]:
+    """The production stack (deploy/dagster.yaml on PostgreSQL, dagster-daemon, dagster-webserver,
+    a small simulated account), started once per session; logs in test-artifacts/deployment/.
+    Skips without PostgreSQL at 127.0.0.1:5432, except under CI=true."""
+    from matchall_dagster_tests.deployment import ARTIFACTS, require_postgres, run_deployment
+
+    require_postgres()
+    with run_deployment(ARTIFACTS / "deployment") as running:
+        yield running
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the production stack run last, so that its daemon (and the runs it launches every
+    minute) does not share the machine with the rest of the suite."""
+    items.sort(key=lambda item: "deployment" in getattr(item, "fixturenames", ()))

@@ -1,0 +1,308 @@
+"""The production instance (deploy/dagster.yaml): it passes Dagster's own validation, names no
+secret, keeps the account's 5 requests/s from the numbers in the code, and runs the whole
+project end to end on PostgreSQL with a real daemon and webserver."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
+from dagster._core.instance.config import dagster_instance_config  # what loading DAGSTER_HOME runs
+
+from matchall_dagster.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.definitions import defs as project_defs
+from matchall_dagster.resource import ActiveCampaignResource
+from matchall_dagster.sensors import SENSOR_REQUESTS_PER_SECOND
+from matchall_dagster.simulator import DEFAULT_TOKEN
+from matchall_dagster.storage import TABLE
+from matchall_dagster_tests import deployment as harness
+from matchall_dagster_tests.deployment import DEPLOY_CONFIG, REPO, Deployment, database_exists, free_port
+
+ROOT_CONFIG = REPO / "dagster.yaml"
+INSTANCE_FILES = {"deploy": DEPLOY_CONFIG, "embedded": ROOT_CONFIG}
+ACCOUNT_REQUESTS_PER_SECOND = 5  # ActiveCampaign: 5 requests/s per account (API.md)
+PG_FIELDS = ("username", "password", "hostname", "db_name", "port")
+SECRET_WORDS = ("password", "secret", "token", "api_key", "apikey", "credential")
+SCHEDULE = "match_all_kickoff_schedule"
+DISCOVERY = "segment_discovery_sensor"
+READINESS = "match_all_readiness_sensor"
+E2E_TIMEOUT = 240.0
+
+
+def load(path: Path) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    return config
+
+
+def validated(path: Path, home: Path) -> dict[str, Any]:
+    """The file as Dagster validates it when DAGSTER_HOME holds it."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, home / "dagster.yaml")
+    config, custom_class = dagster_instance_config(str(home))
+    assert custom_class is None
+    return dict(config)
+
+
+@pytest.mark.parametrize("name", INSTANCE_FILES)
+def test_instance_file_passes_dagsters_validation(name: str, tmp_path: Path) -> None:
+    config = validated(INSTANCE_FILES[name], tmp_path / "home")
+    assert config["telemetry"] == {"enabled": False}
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+    assert config["concurrency"]["runs"]["max_concurrent_runs"] >= 1
+    # No legacy queue settings beside `concurrency.runs` (a config error), no run launcher here:
+    # locally the default one, on Kubernetes the Helm chart's.
+    assert not {"run_queue", "run_coordinator", "run_launcher"} & config.keys()
+
+
+def test_validation_rejects_a_broken_instance_file(tmp_path: Path) -> None:
+    """The validation above is Dagster's, live: a misspelt field fails it."""
+    broken = load(DEPLOY_CONFIG)
+    broken["storage"]["postgres"]["postgres_db"]["hostnmae"] = broken["storage"]["postgres"]["postgres_db"].pop(
+        "hostname"
+    )
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    with pytest.raises(dg.DagsterInvalidConfigError, match="hostnmae"):
+        validated(path, tmp_path / "home")
+
+
+def test_embedded_instance_loads_from_dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero-configuration path: SQLite under DAGSTER_HOME, the queued coordinator, pool limit 1."""
+    home = tmp_path / "home"
+    validated(ROOT_CONFIG, home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert instance.global_op_concurrency_default_limit == 1
+
+
+def _secret_like_literals(node: Any, path: str = "") -> Iterator[str]:
+    """Paths of scalar values under keys that name a secret (a `{env: NAME}` mapping is fine)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{path}.{key}" if path else str(key)
+            if any(word in str(key).lower() for word in SECRET_WORDS) and not isinstance(value, dict):
+                yield here
+            yield from _secret_like_literals(value, here)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _secret_like_literals(item, f"{path}[{index}]")
+
+
+def test_production_instance_takes_its_database_from_the_environment() -> None:
+    config = load(DEPLOY_CONFIG)
+    database = config["storage"]["postgres"]["postgres_db"]
+    for name in PG_FIELDS:
+        assert set(database[name]) == {"env"}, f"postgres_db.{name} must be {{env: VARIABLE}}, not a literal"
+    assert "postgres_url" not in config["storage"]["postgres"]  # a URL would carry the password
+    assert list(_secret_like_literals(config)) == []
+    text = DEPLOY_CONFIG.read_text()
+    assert DEFAULT_TOKEN not in text
+    assert "@" not in text  # no user:password@host anywhere
+
+
+def test_secret_scan_finds_a_literal_password() -> None:
+    config = load(DEPLOY_CONFIG)
+    config["storage"]["postgres"]["postgres_db"]["password"] = "hunter2"  # the scan's own test
+    assert list(_secret_like_literals(config)) == ["storage.postgres.postgres_db.password"]
+
+
+@pytest.mark.parametrize("name", INSTANCE_FILES)
+def test_runs_and_sensors_together_stay_under_the_account_limit(name: str, tmp_path: Path) -> None:
+    """The arithmetic of the comment in deploy/dagster.yaml, from the numbers in the code:
+    (API steps at a time) x (their client's requests/s) + (the sensors' requests/s) <= 5."""
+    config = validated(INSTANCE_FILES[name], tmp_path / "home")
+    pool_limit = config["concurrency"]["pools"]["default_limit"]
+    resource = (project_defs.resources or {})["activecampaign"]
+    assert isinstance(resource, ActiveCampaignResource)
+    sensors_at_once = 1 if not config.get("sensors", {}).get("use_threads", False) else None
+    assert sensors_at_once == 1, "the sensors' share assumes one evaluation at a time (sensors.use_threads: false)"
+    total = pool_limit * resource.requests_per_second + sensors_at_once * SENSOR_REQUESTS_PER_SECOND
+    assert total <= ACCOUNT_REQUESTS_PER_SECOND, (
+        f"{pool_limit} x {resource.requests_per_second}/s + {SENSOR_REQUESTS_PER_SECOND}/s = {total}/s "
+        f"exceeds the account's {ACCOUNT_REQUESTS_PER_SECOND}/s"
+    )
+
+
+# -- end to end on PostgreSQL ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
+def test_without_postgres_the_stack_test_skips_except_under_ci(
+    ci: str, outcome: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(harness, "PG_PORT", free_port())  # nothing listens there
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match=r"PostgreSQL is not reachable at 127\.0\.0\.1"):
+        harness.require_postgres()
+
+
+def _latest_materialization(instance: dg.DagsterInstance, segment_id: str) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[segment_id]), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def _check_outcomes(instance: dg.DagsterInstance, check_name: str) -> dict[tuple[str | None, str], list[str]]:
+    """(partition, status) -> the Dagster run ids of the check's executions."""
+    outcomes: dict[tuple[str | None, str], list[str]] = {}
+    history = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(ASSET_KEY, check_name), limit=500
+    )
+    for record in history:
+        outcomes.setdefault((record.partition, record.status.value), []).append(record.run_id)
+    return outcomes
+
+
+def _runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.RunRecord]:
+    return list(instance.get_run_records(dg.RunsFilter(tags=tags) if tags else None))
+
+
+def _outcome_reached(instance: dg.DagsterInstance, deployment: Deployment) -> bool:
+    """Every ready segment materialized and complete, both failures judged, the schedule's run done."""
+    complete = _check_outcomes(instance, MATCHES_COMPLETE)
+    if not all((segment, "SUCCEEDED") in complete for segment in deployment.ready_segments):
+        return False
+    if (deployment.failing_segment, "FAILED") not in _check_outcomes(instance, RUN_NOT_FAILED):
+        return False
+    if deployment.expiring_segment is not None and (
+        (deployment.expiring_segment, "FAILED") not in _check_outcomes(instance, RUN_NOT_EXPIRED)
+    ):
+        return False
+    scheduled = _runs(instance, **{"dagster/schedule_name": SCHEDULE})
+    return any(record.dagster_run.status == dg.DagsterRunStatus.SUCCESS for record in scheduled)
+
+
+def _ticks(instance: dg.DagsterInstance) -> dict[str, list[Any]]:
+    """Every stored tick of each schedule and sensor, by name."""
+    return {
+        state.instigator_name: list(instance.get_ticks(state.instigator_origin_id, state.selector_id))
+        for state in instance.all_instigator_state()
+    }
+
+
+def _duckdb_rows(path: Path) -> dict[str, list[int]]:
+    """The stored members per segment, in position order; retried while a run holds the file."""
+    for _ in range(30):
+        try:
+            with duckdb.connect(str(path), read_only=True) as connection:
+                rows = connection.execute(
+                    f"select segment_id, contact_id from main.{TABLE} order by segment_id, position"
+                ).fetchall()
+        except duckdb.IOException:  # a run is writing: DuckDB lets one process open it for writing
+            time.sleep(0.5)
+            continue
+        members: dict[str, list[int]] = {}
+        for segment_id, contact_id in rows:
+            members.setdefault(segment_id, []).append(int(contact_id))
+        return members
+    raise AssertionError(f"{path} stayed locked by a run for 15 s")
+
+
+def test_production_stack_end_to_end(deployment: Deployment) -> None:
+    """Discovery, the schedule, readiness polling, the queue, the pool, materializations and checks,
+    all on PostgreSQL through a real daemon; the outcome read from the instance and from DuckDB."""
+    started = time.monotonic()
+    with deployment.instance() as instance:
+        deployment.wait_for(
+            lambda: _outcome_reached(instance, deployment),
+            timeout=E2E_TIMEOUT,
+            what="every ready segment materialized and complete, the failing and expiring segments judged, "
+            "and a successful run of the schedule",
+        )
+        waited = time.monotonic() - started
+
+        # The instance is PostgreSQL, with this session's database.
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        assert database_exists(deployment.postgres_db)
+        all_segments = {*deployment.ready_segments, deployment.failing_segment, deployment.expiring_segment} - {None}
+        assert set(instance.get_dynamic_partitions("segments")) == all_segments
+
+        # The sensors ticked and the schedule fired, each launching runs.
+        ticks = _ticks(instance)
+        for name in (DISCOVERY, READINESS, SCHEDULE):
+            launched = [tick for tick in ticks.get(name, []) if tick.status.value == "SUCCESS" and tick.run_ids]
+            assert launched, f"{name} has no tick that launched a run: {[t.status.value for t in ticks.get(name, [])]}"
+
+        # Every run went through the queue, was launched, and none failed.
+        runs = _runs(instance)
+        enqueued = {
+            record.event_log_entry.run_id
+            for record in instance.fetch_run_status_changes(dg.DagsterEventType.RUN_ENQUEUED, limit=10_000).records
+        }
+        finished = [
+            r for r in runs if r.dagster_run.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+        ]
+        assert finished
+        assert {r.dagster_run.run_id for r in finished} <= enqueued
+        for record in finished:
+            assert record.start_time is not None, f"run {record.dagster_run.run_id} finished without starting"
+            tags = record.dagster_run.tags
+            assert tags.get("dagster/sensor_name") in (DISCOVERY, READINESS) or tags.get("dagster/schedule_name") == (
+                SCHEDULE
+            ), f"run {record.dagster_run.run_id} was not launched by a sensor or the schedule: {tags}"
+        failed = [r.dagster_run.run_id for r in runs if r.dagster_run.status == dg.DagsterRunStatus.FAILURE]
+        assert failed == [], f"runs failed: {failed}; see {deployment.artifacts}"
+
+        # The API pool is limited to one step at a time, from deploy/dagster.yaml.
+        assert instance.event_log_storage.get_concurrency_info("activecampaign").limit == 1
+
+        # Each ready segment: materialized by a readiness-sensor run from a ready remote run, in its
+        # sort, complete; its rows in DuckDB are exactly the simulator's truth.
+        simulator = deployment.simulator
+        expected: dict[str, list[int]] = {}
+        for segment_id in deployment.ready_segments:
+            materialization = _latest_materialization(instance, segment_id)
+            assert materialization is not None
+            assert materialization.asset_materialization is not None
+            metadata = {key: value.value for key, value in materialization.asset_materialization.metadata.items()}
+            truth = simulator.truth(segment_id, str(metadata["sort"]))
+            assert metadata["dagster/row_count"] == metadata["page_total"] == len(truth)
+            run = instance.get_run_by_id(materialization.run_id)
+            assert run is not None
+            assert run.tags.get("dagster/sensor_name") == READINESS
+            assert run.tags.get("matchall/run_id") == metadata["run_id"]
+            expected[segment_id] = truth
+        for never_ready in (deployment.failing_segment, deployment.expiring_segment):
+            if never_ready is not None:
+                assert _latest_materialization(instance, never_ready) is None
+
+        # The failing segment's run_not_failed failed in a run of its own, judging a run of that
+        # segment that really failed; the expiring segment's run_not_expired likewise.
+        judged: list[tuple[str, str]] = [(RUN_NOT_FAILED, deployment.failing_segment)]
+        if deployment.expiring_segment is not None:
+            judged.append((RUN_NOT_EXPIRED, deployment.expiring_segment))
+        for check_name, judged_segment in judged:
+            run_ids = _check_outcomes(instance, check_name)[(judged_segment, "FAILED")]
+            for run_id in run_ids:
+                run = instance.get_run_by_id(run_id)
+                assert run is not None
+                assert run.tags.get("dagster/sensor_name") == READINESS
+                assert run.tags["matchall/run_id"] in simulator.runs or check_name == RUN_NOT_EXPIRED
+                if check_name == RUN_NOT_FAILED:
+                    assert simulator.runs[run.tags["matchall/run_id"]].segment.id == judged_segment
+
+    # DuckDB holds exactly the truth of every ready segment, nothing of the others.
+    assert _duckdb_rows(deployment.duckdb_path) == {k: v for k, v in expected.items() if v}
+
+    # The whole deployment stayed within the account's limit: the simulator counts arrivals.
+    stats = simulator.stats()
+    assert stats["by_status"].get(429, 0) == 0, stats["by_status"]
+    assert stats["max_requests_in_any_second"] <= ACCOUNT_REQUESTS_PER_SECOND
+
+    # The webserver serves the same instance.
+    data = deployment.graphql(
+        'query { assetNodeOrError(assetKey: {path: ["segment_matches"]}) { ... on AssetNode { partitionKeys } } }'
+    )
+    assert set(data["assetNodeOrError"]["partitionKeys"]) == all_segments
+    print(f"\nproduction end to end: outcome reached {waited:.0f} s after the stack was up; {len(runs)} runs")
