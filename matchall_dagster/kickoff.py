@@ -1,11 +1,16 @@
 """Starting match-all runs: the kick-off job, its daily schedule, and the pending-run records.
 
 Each started run is recorded as an `AssetObservation` of its `segment_matches` partition
-(status `pending`, run id, sort, start time), so the UI shows per partition which run is
-pending since when, and the readiness sensor picks the runs up from the event log.
+(status `pending`, run id, sort, start time, kick-off id), so the UI shows per partition which
+run is pending since when, and the readiness sensor picks the runs up from the event log.
+
+A kick-off is identified by the root run of its Dagster run (a re-execution shares it), so a
+kick-off that was interrupted and is re-executed starts only the segments that have no pending
+record of that kick-off yet.
 """
 
 import os
+from collections.abc import Iterable
 
 import dagster as dg
 from pydantic import Field
@@ -20,16 +25,64 @@ from matchall_dagster.validation import DEFAULT_SORT, validate_sort
 STATUS = "matchall/status"
 PENDING = "pending"
 ATTEMPT = "attempt"
+KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that started the run
+ROOT_RUN_ID_TAG = "dagster/root_run_id"  # set by Dagster on every re-execution
+PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
 KICKOFF_CRON_VARIABLE = "MATCHALL_KICKOFF_CRON"
 
 
-def pending_observation(segment_id: str, run: MatchAllRun, sort: str, attempt: int = 1) -> dg.AssetObservation:
+def pending_observation(
+    segment_id: str, run: MatchAllRun, sort: str, attempt: int = 1, kickoff: str | None = None
+) -> dg.AssetObservation:
+    metadata = {STATUS: PENDING, ATTEMPT: attempt, **run_metadata(run, run.run_id, sort)}
+    if kickoff is not None:
+        metadata[KICKOFF] = kickoff
     return dg.AssetObservation(
         asset_key=ASSET_KEY,
         partition=segment_id,
         description=f"Match-all run {run.run_id} pending since {run.run_id_start:%Y-%m-%d %H:%M:%S} UTC.",
-        metadata={STATUS: PENDING, ATTEMPT: attempt, **run_metadata(run, run.run_id, sort)},
+        metadata=metadata,
     )
+
+
+def kickoff_id(run: dg.DagsterRun) -> str:
+    """The id every attempt of one kick-off shares: the root run of its re-executions."""
+    return run.root_run_id or run.run_id
+
+
+def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
+    """The segments that earlier attempts of this kick-off (and this one) already recorded as started.
+
+    Read from the event logs of the kick-off's own runs (the root and its re-executions), not from
+    the asset's whole history: the cost is that of one kick-off, however old the asset.
+    """
+    family = {kickoff, *instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: kickoff}))}
+    started: set[str] = set()
+    for run_id in family:
+        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION):
+            event = entry.dagster_event
+            observation = event.asset_observation_data.asset_observation if event is not None else None
+            if observation is None or observation.asset_key != ASSET_KEY or observation.partition is None:
+                continue
+            metadata = observation.metadata
+            status, recorded_by = metadata.get(STATUS), metadata.get(KICKOFF)
+            if (
+                status is not None
+                and recorded_by is not None
+                and (status.value, recorded_by.value) == (PENDING, kickoff)
+            ):
+                started.add(observation.partition)
+    return started
+
+
+def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
+    seen: set[str] = set()
+    remaining = []
+    for segment_id in segment_ids:  # keeps the order; a segment listed twice is started once
+        if segment_id not in started and segment_id not in seen:
+            remaining.append(segment_id)
+        seen.add(segment_id)
+    return remaining
 
 
 class KickoffConfig(dg.Config):
@@ -39,7 +92,11 @@ class KickoffConfig(dg.Config):
     )
 
 
-@dg.op(pool=API_POOL, description="Start a match-all run for each tracked segment and record it as pending.")
+@dg.op(
+    pool=API_POOL,
+    description="Start a match-all run for each tracked segment and record it as pending; a re-execution "
+    "starts only the segments the interrupted attempt had not recorded.",
+)
 def start_match_all_runs(
     context: dg.OpExecutionContext, config: KickoffConfig, activecampaign: ActiveCampaignResource
 ) -> None:
@@ -49,10 +106,15 @@ def start_match_all_runs(
         raise dg.Failure(description=f"{exc} Fix the kick-off's run configuration.") from None
     assert segments_partitions.name is not None
     segment_ids = tracked(config.segment_ids or context.instance.get_dynamic_partitions(segments_partitions.name))
+    kickoff = kickoff_id(context.dagster_run)
+    done = started_segments(context.instance, kickoff)  # empty unless this kick-off was interrupted
+    todo = _remaining(segment_ids, done)
+    if done:
+        context.log.info(f"Resuming kick-off {kickoff}: {len(done)} segment(s) already started, {len(todo)} to start.")
     failures: dict[str, str] = {}
     started = 0
     with activecampaign.get_client() as client:
-        for segment_id in segment_ids:
+        for segment_id in todo:
             try:
                 run = client.start_run(segment_id, sort=sort)
             except SegmentNotFoundError as exc:
@@ -64,10 +126,16 @@ def start_match_all_runs(
                 context.log.error(f"Could not start a run of segment {segment_id}: {exc}")
                 failures[segment_id] = str(exc)
                 continue
-            context.log_event(pending_observation(segment_id, run, sort))
-            context.log.info(f"Started run {run.run_id} of segment {segment_id}.")
+            # The one window where a kill starts a segment twice: the API has started the run
+            # and this record is not yet stored (a few milliseconds).
+            context.log_event(pending_observation(segment_id, run, sort, kickoff=kickoff))
             started += 1
-    context.log.info(f"Started runs for {started} of {len(segment_ids)} segment(s).")
+            if started % PROGRESS_EVERY == 0:
+                context.log.info(f"Started {started} of {len(todo)} run(s).")
+    context.log.info(
+        f"Started runs for {started} of {len(segment_ids)} segment(s)"
+        + (f" ({len(segment_ids) - len(todo)} started by an earlier attempt)." if done else ".")
+    )
     if failures:
         raise dg.Failure(
             description=f"{len(failures)} of {len(segment_ids)} segment(s) could not be started; see the log. "

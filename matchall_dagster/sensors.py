@@ -1,53 +1,128 @@
 """The sensors: segment discovery, and readiness polling of the pending match-all runs.
 
 The readiness sensor's per-run work is `decide` (a pure function: a pending run and its polled
-status in, the next step out); the sensor itself wires the cursor, the time and request
-budgets of a tick, and the results.
+status in, the next step out), and its choice of what to poll is `plan` (pure too: the runs due,
+oldest first, within the tick's request budget). The sensor itself wires the event log, the
+cursor, the clock and the results.
+
+Scale (10,000 pending runs at the sensors' 1 request/s): a tick sends at most
+`REQUESTS_PER_TICK` requests and ends within `TICK_DEADLINE_SECONDS`; each run is polled soon
+after it starts, then less often (the wait doubles the run's age, up to 10 minutes); the due runs
+are polled oldest-due first, so a run waits at most ceil(runs due before it / REQUESTS_PER_TICK)
+ticks. The cursor keeps only what the event log cannot tell: how far the pending-run records have
+been taken, and, for the runs polled at least once and still pending, the record's id, the next
+poll time and the poll count, packed in columns and compressed (about 3 bytes a run).
 """
 
+import base64
 import enum
 import hashlib
+import heapq
+import json
 import logging
+import math
 import os
+import threading
 import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import dagster as dg
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from matchall_dagster.assets import segment_matches
 from matchall_dagster.checks import ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.client import ActiveCampaignClient
-from matchall_dagster.errors import ActiveCampaignError, InvalidInputError
-from matchall_dagster.kickoff import ATTEMPT, PENDING, STATUS, match_all_kickoff_job, pending_observation
+from matchall_dagster.errors import ActiveCampaignError, APIUnavailableError, AuthenticationError, InvalidInputError
+from matchall_dagster.kickoff import ATTEMPT, KICKOFF, PENDING, STATUS, match_all_kickoff_job, pending_observation
 from matchall_dagster.models import RunState, RunStatus
 from matchall_dagster.partitions import segments_partitions, tracked
 from matchall_dagster.resource import ActiveCampaignResource
 
 # The sensors' share of the account's 5 requests/s; runs hold the rest (see dagster.yaml).
 SENSOR_REQUESTS_PER_SECOND = 1.0
-# Dagster ends a sensor evaluation after 60 s. A tick starts no poll after 25 s, and one poll
-# takes at most 2 attempts of 10 s plus a 1 s backoff: every tick ends within about 46 s. What
-# a tick could not poll is due first in the next one.
-TICK_SECONDS = 25.0
-SENSOR_MAX_RETRIES = 1
-SENSOR_REQUEST_TIMEOUT = 10.0
-MAX_POLLS_PER_TICK = 20  # at 1 request/s this fits the tick's time budget
+# Dagster ends a sensor evaluation after 60 s; ours end within 40 s. No request starts after
+# POLL_WINDOW_SECONDS; one takes at most SENSOR_REQUEST_TIMEOUT (no retry inside a tick: a failed
+# poll is due again in a later one) after at most 1 s in the rate limiter; the event-log reads
+# before and after are a few bounded queries. 24 + 1 + 8 = 33 s, leaving 7 s for the rest.
+TICK_DEADLINE_SECONDS = 40.0
+POLL_WINDOW_SECONDS = 24.0
+SENSOR_REQUEST_TIMEOUT = 8.0
+SENSOR_MAX_RETRIES = 0
+# The request budget of a tick: what the share allows over the poll window. Fixed at import, so
+# that a benchmark may speed the clock of the requests up without changing what a tick may send.
+REQUESTS_PER_TICK = math.floor(SENSOR_REQUESTS_PER_SECOND * POLL_WINDOW_SECONDS)
+MAX_POLLS_PER_TICK = REQUESTS_PER_TICK
 FIRST_POLL_DELAY = 5.0
 MAX_POLL_DELAY = 600.0
+UNAVAILABLE_STOPS_TICK = 3  # consecutive 429/5xx/network failures: the API is struggling, stop for now
 MAX_ATTEMPTS_VARIABLE = "MATCHALL_MAX_RUN_ATTEMPTS"
 DEFAULT_MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
-OBSERVATION_PAGE = 1_000
+OBSERVATION_PAGE = 256
+CURSOR_VERSION = 2
+
+# The wall clock of the polling schedule. A benchmark replaces it to run hours of ticks in minutes.
+clock: Callable[[], float] = time.time
 
 
-class PendingRun(BaseModel):
+class _ShareGate:
+    """Spaces the sensors' requests across ticks and sensors of this process.
+
+    Each tick builds a new client whose rate limiter starts empty; without this, the last request
+    of one tick and the first of the next could fall within one second. The daemon evaluates the
+    sensors one at a time (dagster.yaml: no `use_threads`), so one gate per process suffices.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_done = -math.inf
+
+    def wait(self, requests_per_second: float) -> None:
+        with self._lock:
+            delay = self._last_done + 1.0 / requests_per_second + 0.015 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def done(self) -> None:
+        with self._lock:
+            self._last_done = time.monotonic()
+
+
+_share_gate = _ShareGate()
+
+
+class _OutOfTimeError(Exception):
+    """A wait inside the client would end after the tick's poll window."""
+
+
+@dataclass
+class _TickSleep:
+    """The sensor client's `sleep`: waits (for a 429's Retry-After) only while the window lasts."""
+
+    window_ends: float  # time.monotonic()
+
+    def __call__(self, seconds: float) -> None:
+        if time.monotonic() + seconds > self.window_ends:
+            raise _OutOfTimeError
+        time.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class PendingRun:
+    """A started run waiting to be ready, as its pending-run record and the sensor's polls say."""
+
     segment_id: str
     run_id: str
     sort: str
-    next_poll_at: float
-    polls: int = 0
+    started_at: float  # epoch seconds: the API's run_id_start (never later than the sensor's clock)
+    storage_id: int = 0  # the event-log id of the run's pending-run record
     attempt: int = 1
+    polls: int = 0
+    next_poll_at: float = 0.0
+    kickoff: str | None = None
 
 
 class _PendingRecord(BaseModel):
@@ -55,27 +130,79 @@ class _PendingRecord(BaseModel):
 
     run_id: str
     sort: str
+    run_started_at: float | None = None
     attempt: int = Field(default=1, alias=ATTEMPT)
+    kickoff: str | None = Field(default=None, alias=KICKOFF)
 
 
-class ReadinessCursor(BaseModel):
-    observations: str | None = None  # event-log cursor of the pending-run observations read so far
-    pending: list[PendingRun] = []
+@dataclass
+class ReadinessCursor:
+    """What the event log cannot tell the next tick.
+
+    `after`: the pending-run records up to this event-log id have been taken (polled or passed
+    over); later ones are new, due FIRST_POLL_DELAY after their start. `waiting`: for each run
+    polled at least once and still pending, by its record's id, (next poll time, polls so far).
+    """
+
+    after: int | None = None
+    waiting: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+    def dump(self) -> str:
+        ids = np.fromiter(sorted(self.waiting), dtype=np.int64, count=len(self.waiting))
+        data: dict[str, object] = {"v": CURSOR_VERSION, "after": self.after}
+        if ids.size:
+            due = np.ceil([self.waiting[int(i)][0] for i in ids]).astype(np.int64)
+            polls = np.minimum([self.waiting[int(i)][1] for i in ids], 255).astype(np.uint8)
+            base = int(due.min())
+            columns = b"".join(
+                (np.diff(ids, prepend=0).astype("<i8").tobytes(), (due - base).astype("<u4").tobytes(), polls.tobytes())
+            )
+            data.update(n=int(ids.size), base=base, waiting=base64.b64encode(zlib.compress(columns, 6)).decode())
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def load(cls, raw: str | None, log: logging.Logger) -> "ReadinessCursor":
         if not raw:
             return cls()
         try:
-            return cls.model_validate_json(raw)
-        except ValidationError:
-            log.error("The readiness sensor's cursor could not be read; starting from an empty one.")
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION:
+                raise ValueError("another version")
+            after = data.get("after")
+            if after is not None and not isinstance(after, int):
+                raise ValueError("bad `after`")
+            count = int(data.get("n", 0))
+            if not count:
+                return cls(after=after)
+            columns = zlib.decompress(base64.b64decode(data["waiting"], validate=True))
+            if len(columns) != count * 13:
+                raise ValueError("bad length")
+            ids = np.cumsum(np.frombuffer(columns, "<i8", count))
+            due = np.frombuffer(columns, "<u4", count, offset=count * 8).astype(np.int64) + int(data["base"])
+            polls = np.frombuffer(columns, np.uint8, count, offset=count * 12)
+            return cls(
+                after=after,
+                waiting={
+                    int(i): (float(d), int(p))
+                    for i, d, p in zip(ids.tolist(), due.tolist(), polls.tolist(), strict=True)
+                },
+            )
+        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+            log.error(
+                f"The readiness sensor's cursor could not be read ({exc}); taking the pending-run records "
+                "from the start of the event log (the newest run of each segment is polled; none is "
+                "materialized twice)."
+            )
             return cls()
 
 
-def poll_delay(polls: int) -> float:
-    """Soon after the start, then less often: 5 s, 10 s, 20 s, ... up to 10 minutes."""
-    return float(min(FIRST_POLL_DELAY * 2**polls, MAX_POLL_DELAY))
+def poll_delay(age: float) -> float:
+    """Soon after the start, then less often: wait as long as the run has run (5 s to 10 minutes).
+
+    Keyed to the run's age, not to the poll count, so that a run first polled late (many runs
+    ahead of it) is not polled again seconds later.
+    """
+    return float(min(max(age, FIRST_POLL_DELAY), MAX_POLL_DELAY))
 
 
 class Step(enum.Enum):
@@ -107,20 +234,61 @@ def max_attempts() -> int:
 
 def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Decision:
     if status.state is RunState.READY:
-        return Decision(Step.MATERIALIZE, run)
+        return Decision(Step.MATERIALIZE, replace(run, polls=run.polls + 1))
     if status.state is RunState.EXPIRED:
         return Decision(Step.EXPIRED, run)
     if status.state is RunState.FAILED:
         return Decision(Step.RESTART if run.attempt < max_attempts else Step.GIVE_UP, run)
-    polls = run.polls + 1
-    return Decision(Step.WAIT, run.model_copy(update={"polls": polls, "next_poll_at": now + poll_delay(polls)}))
+    return Decision(Step.WAIT, backed_off(run, now))
+
+
+def backed_off(run: PendingRun, now: float) -> PendingRun:
+    return replace(run, polls=run.polls + 1, next_poll_at=now + poll_delay(now - run.started_at))
+
+
+@dataclass(frozen=True)
+class Due:
+    """A run that may be polled: `fresh` ones come from new records, the others from the cursor."""
+
+    due_at: float
+    storage_id: int
+    fresh: bool
+
+
+def plan(waiting: Iterable[Due], fresh: Sequence[Due], now: float, budget: int) -> list[Due]:
+    """The runs to poll this tick: due ones, oldest due first (ties by record), at most `budget`.
+
+    New records are taken in event-log order (their due times made non-decreasing), so that the
+    ones taken are always a prefix and the cursor needs only the last record taken.
+    """
+    ordered: list[Due] = []
+    latest = -math.inf
+    for item in fresh:
+        latest = max(latest, item.due_at)
+        if latest > now:
+            break
+        ordered.append(replace(item, due_at=latest))
+    due = (item for item in waiting if item.due_at <= now)
+    return heapq.nsmallest(budget, [*ordered, *due], key=lambda item: (item.due_at, item.storage_id))
 
 
 def _sensor_client(activecampaign: ActiveCampaignResource) -> AbstractContextManager[ActiveCampaignClient]:
     return activecampaign.get_client(
-        requests_per_second=SENSOR_REQUESTS_PER_SECOND,
+        requests_per_second=SENSOR_REQUESTS_PER_SECOND, max_retries=1, request_timeout=SENSOR_REQUEST_TIMEOUT
+    )
+
+
+def _polling_client(activecampaign: ActiveCampaignResource, sleep: _TickSleep) -> ActiveCampaignClient:
+    """The readiness sensor's client: its share of the limit, no retries, waits bounded by the tick."""
+    return ActiveCampaignClient(
+        activecampaign.api_url,
+        activecampaign.api_key,
+        timeout=SENSOR_REQUEST_TIMEOUT,
         max_retries=SENSOR_MAX_RETRIES,
-        request_timeout=SENSOR_REQUEST_TIMEOUT,
+        requests_per_second=SENSOR_REQUESTS_PER_SECOND,
+        page_size=activecampaign.page_size,
+        max_concurrent_requests=1,
+        sleep=sleep,
     )
 
 
@@ -129,7 +297,7 @@ def materialize_request(run: PendingRun) -> dg.RunRequest:
         run_key=f"{run.segment_id}/{run.run_id}",  # one materialization per remote run
         partition_key=run.segment_id,
         run_config={"ops": {"segment_matches": {"config": {"run_id": run.run_id, "sort": run.sort}}}},
-        tags={"matchall/run_id": run.run_id, "matchall/sort": run.sort},
+        tags={"matchall/run_id": run.run_id, "matchall/sort": run.sort, "matchall/polls": str(run.polls)},
     )
 
 
@@ -145,42 +313,85 @@ def check_request(run: PendingRun, check_name: str) -> dg.RunRequest:
     )
 
 
-def _read_new_pending(context: dg.SensorEvaluationContext, cursor: ReadinessCursor, now: float) -> None:
-    """Fold the pending-run observations recorded since the last tick into the cursor."""
-    by_segment = {run.segment_id: run for run in cursor.pending}
-    for _ in range(100):  # bounded: at most 100,000 records a tick
-        result = context.instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=ASSET_KEY),
-            limit=OBSERVATION_PAGE,
-            cursor=cursor.observations,
-            ascending=True,
-        )
-        for record in result.records:
-            observation = record.asset_observation
-            if observation is None or record.partition_key is None:
-                continue
-            metadata = {key: value.value for key, value in observation.metadata.items()}
-            if metadata.get(STATUS) != PENDING:
-                continue
-            try:
-                recorded = _PendingRecord.model_validate(metadata)
-            except ValidationError:
-                context.log.warning(f"Ignored a malformed pending-run record of segment {record.partition_key}.")
-                continue
-            known = by_segment.get(record.partition_key)
-            if known is not None and known.run_id == recorded.run_id:
-                continue
-            by_segment[record.partition_key] = PendingRun(
-                segment_id=record.partition_key,
-                run_id=recorded.run_id,
-                sort=recorded.sort,
-                next_poll_at=now,
-                attempt=recorded.attempt,
-            )
-        cursor.observations = result.cursor
+def _pending_run(record: dg.EventLogRecord, now: float, log: logging.Logger) -> PendingRun | None:
+    """The pending run a record holds, or None for another kind of observation."""
+    observation = record.asset_observation
+    if observation is None or record.partition_key is None:
+        return None
+    metadata = {key: value.value for key, value in observation.metadata.items()}
+    if metadata.get(STATUS) != PENDING:
+        return None
+    try:
+        recorded = _PendingRecord.model_validate(metadata)
+    except ValidationError:
+        log.warning(f"Ignored a malformed pending-run record of segment {record.partition_key}.")
+        return None
+    started = recorded.run_started_at if recorded.run_started_at is not None else record.timestamp
+    return PendingRun(
+        segment_id=record.partition_key,
+        run_id=recorded.run_id,
+        sort=recorded.sort,
+        started_at=min(started, now),  # an API clock ahead of ours must not delay the first poll
+        storage_id=record.storage_id,
+        attempt=recorded.attempt,
+        kickoff=recorded.kickoff,
+        next_poll_at=min(started, now) + FIRST_POLL_DELAY,
+    )
+
+
+def _observations(instance: dg.DagsterInstance, records_filter: dg.AssetRecordsFilter) -> list[dg.EventLogRecord]:
+    found: list[dg.EventLogRecord] = []
+    cursor = None
+    while True:
+        result = instance.fetch_observations(records_filter, limit=OBSERVATION_PAGE, cursor=cursor, ascending=True)
+        found.extend(result.records)
+        cursor = result.cursor
         if not result.has_more:
+            return found
+
+
+def _new_pending(
+    instance: dg.DagsterInstance, after: int | None, budget: int, now: float, log: logging.Logger
+) -> tuple[list[PendingRun], int | None]:
+    """The first `budget` pending runs recorded after `after`, and the id of the last record read
+    (so that records of other kinds before them can be passed over)."""
+    runs: list[PendingRun] = []
+    last = after
+    for _ in range(16):  # bounded: other observations are rare (none are written today)
+        page = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_storage_id=last), limit=OBSERVATION_PAGE, ascending=True
+        )
+        for record in page.records:
+            run = _pending_run(record, now, log)
+            if run is not None:
+                runs.append(run)
+                if len(runs) == budget:
+                    return runs, record.storage_id
+            last = record.storage_id
+        if not page.has_more:
             break
-    cursor.pending = list(by_segment.values())
+    return runs, last
+
+
+@dataclass
+class TickReport:
+    """What one evaluation did, for its skip message and log."""
+
+    waiting: int = 0
+    new_taken: int = 0
+    polled: int = 0
+    requests: int = 0
+    superseded: int = 0
+    stopped: str = ""
+
+    def describe(self) -> str:
+        text = (
+            f"{self.waiting} run(s) waiting after this tick; polled {self.polled} "
+            f"({self.new_taken} new), {self.requests} request(s)"
+        )
+        if self.superseded:
+            text += f", {self.superseded} superseded by a newer run"
+        return text + (f"; stopped early: {self.stopped}" if self.stopped else "") + "."
 
 
 @dg.sensor(
@@ -188,71 +399,171 @@ def _read_new_pending(context: dg.SensorEvaluationContext, cursor: ReadinessCurs
     target=dg.AssetSelection.assets(segment_matches),
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Polls each pending match-all run (backing off per run) and materializes its partition once ready.",
+    description="Polls each pending match-all run (backing off per run, oldest due first, a fixed request "
+    "budget per tick) and materializes its partition once ready.",
 )
 def match_all_readiness_sensor(
     context: dg.SensorEvaluationContext, activecampaign: ActiveCampaignResource
 ) -> dg.SensorResult:
     started = time.monotonic()
-    now = time.time()
+    window_ends = started + POLL_WINDOW_SECONDS
+    now = clock()
     attempts = max_attempts()
+    instance = context.instance
     cursor = ReadinessCursor.load(context.cursor, context.log)
-    _read_new_pending(context, cursor, now)
-    due = sorted((run for run in cursor.pending if run.next_poll_at <= now), key=lambda run: run.next_poll_at)
+    report = TickReport()
+    budget = REQUESTS_PER_TICK
+
+    fresh, scanned_to = _new_pending(instance, cursor.after, budget, now, context.log)
+    by_id = {run.storage_id: run for run in fresh}
+    chosen = plan(
+        (Due(due_at, storage_id, False) for storage_id, (due_at, _) in cursor.waiting.items()),
+        [Due(run.next_poll_at, run.storage_id, True) for run in fresh],
+        now,
+        budget,
+    )
+    # The records of the waiting runs chosen, read back by id: the cursor does not repeat them.
+    waiting_ids = [item.storage_id for item in chosen if not item.fresh]
+    if waiting_ids:
+        for record in instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=ASSET_KEY, storage_ids=waiting_ids), limit=len(waiting_ids)
+        ).records:
+            run = _pending_run(record, now, context.log)
+            if run is not None:
+                due_at, polls = cursor.waiting[record.storage_id]
+                by_id[record.storage_id] = replace(run, polls=polls, next_poll_at=due_at)
+    # A segment with a newer pending run drops the older one: never materialize stale members last.
+    candidates: dict[str, int] = {}
+    for item in chosen:
+        if item.storage_id in by_id:
+            segment_id = by_id[item.storage_id].segment_id
+            candidates[segment_id] = min(item.storage_id, candidates.get(segment_id, item.storage_id))
+    newer = _newer_pending(instance, candidates, now)
+
     requests: list[dg.RunRequest] = []
     events: list[dg.AssetObservation] = []
-    updated = {run.segment_id: run for run in cursor.pending}
-    polls = 0
-    with _sensor_client(activecampaign) as client:
-        for run in due:
-            if polls >= MAX_POLLS_PER_TICK or time.monotonic() - started > TICK_SECONDS:
-                break  # the rest are due first next tick
-            polls += 1
+    fresh_done = cursor.after
+    unavailable = 0
+    client = _polling_client(activecampaign, _TickSleep(window_ends))
+    try:
+        for item in chosen:
+            run = by_id.get(item.storage_id)
+            if run is None:  # its record is gone (wiped event log): forget it
+                cursor.waiting.pop(item.storage_id, None)
+                fresh_done = max(fresh_done or 0, item.storage_id) if item.fresh else fresh_done
+                continue
+            if newer.get(run.segment_id, run.storage_id) > run.storage_id:
+                report.superseded += 1
+                cursor.waiting.pop(run.storage_id, None)
+                fresh_done = max(fresh_done or 0, run.storage_id) if item.fresh else fresh_done
+                continue
+            if client.requests_sent >= budget:
+                report.stopped = "request budget spent"
+                break
+            if time.monotonic() >= window_ends:
+                report.stopped = "time budget spent"
+                break
+            _share_gate.wait(SENSOR_REQUESTS_PER_SECOND)
             try:
                 status = client.poll_run(run.segment_id, run.run_id, sort=run.sort)
-                decision = decide(run, status, time.time(), max_attempts=attempts)
-                if decision.step is Step.MATERIALIZE:
-                    context.log.info(f"Run {run.run_id} of segment {run.segment_id} is ready; materializing it.")
-                    requests.append(materialize_request(run))
-                    del updated[run.segment_id]
-                elif decision.step is Step.WAIT:
-                    updated[run.segment_id] = decision.run
-                elif decision.step is Step.EXPIRED:
-                    context.log.warning(f"Run {run.run_id} of segment {run.segment_id} is gone (404); checking it.")
-                    requests.append(check_request(run, RUN_NOT_EXPIRED))
-                    del updated[run.segment_id]
-                else:
-                    retrying = decision.step is Step.RESTART
-                    requests.append(check_request(run, RUN_NOT_FAILED))
-                    del updated[run.segment_id]
-                    if retrying:
-                        fresh = client.start_run(run.segment_id, sort=run.sort)
-                        polls += 1
-                        events.append(pending_observation(run.segment_id, fresh, run.sort, attempt=run.attempt + 1))
-                        updated[run.segment_id] = PendingRun(
-                            segment_id=run.segment_id,
-                            run_id=fresh.run_id,
-                            sort=run.sort,
-                            next_poll_at=time.time() + FIRST_POLL_DELAY,
-                            attempt=run.attempt + 1,
-                        )
-                    context.log.warning(
-                        f"Run {run.run_id} of segment {run.segment_id} failed (attempt {run.attempt}); "
-                        + ("started a fresh run." if retrying else "giving up until the next kick-off.")
-                    )
+            except _OutOfTimeError:
+                report.stopped = "the API asked to wait past the tick's window"
+                break
+            except AuthenticationError as exc:
+                context.log.error(f"Stopped polling: {exc}")
+                report.stopped = "the API refused the token"
+                break
             except ActiveCampaignError as exc:
-                # One bad segment never stops the others: note it, retry it later.
+                # One bad segment never stops the others: note it, poll it later (backing off).
                 context.log.warning(f"Polling run {run.run_id} of segment {run.segment_id} failed: {exc}")
-                updated[run.segment_id] = run.model_copy(update={"next_poll_at": time.time() + poll_delay(run.polls)})
-    cursor.pending = list(updated.values())
+                report.polled += 1
+                fresh_done = run.storage_id if item.fresh else fresh_done
+                later = backed_off(run, clock())
+                cursor.waiting[run.storage_id] = (later.next_poll_at, later.polls)
+                unavailable = unavailable + 1 if isinstance(exc, APIUnavailableError) else 0
+                if unavailable >= UNAVAILABLE_STOPS_TICK:
+                    report.stopped = f"{unavailable} polls in a row found the API unavailable"
+                    break
+                continue
+            finally:
+                _share_gate.done()
+            unavailable = 0
+            report.polled += 1
+            report.new_taken += item.fresh
+            decision = decide(run, status, clock(), max_attempts=attempts)
+            if decision.step is Step.RESTART and client.requests_sent >= budget:
+                report.stopped = "no request left to start a fresh run"
+                break  # polled again next tick, first: it became due before the others
+            fresh_done = run.storage_id if item.fresh else fresh_done
+            cursor.waiting.pop(run.storage_id, None)
+            if decision.step is Step.MATERIALIZE:
+                context.log.info(f"Run {run.run_id} of segment {run.segment_id} is ready; materializing it.")
+                requests.append(materialize_request(decision.run))
+            elif decision.step is Step.WAIT:
+                cursor.waiting[run.storage_id] = (decision.run.next_poll_at, decision.run.polls)
+            elif decision.step is Step.EXPIRED:
+                context.log.warning(f"Run {run.run_id} of segment {run.segment_id} is gone (404); checking it.")
+                requests.append(check_request(run, RUN_NOT_EXPIRED))
+            else:
+                requests.append(check_request(run, RUN_NOT_FAILED))
+                restarted = decision.step is Step.RESTART and _restart(client, run, events, context.log)
+                context.log.warning(
+                    f"Run {run.run_id} of segment {run.segment_id} failed (attempt {run.attempt}); "
+                    + ("started a fresh run." if restarted else "giving up until the next kick-off.")
+                )
+    finally:
+        report.requests = client.requests_sent
+        client.close()
+    if not fresh or fresh_done == fresh[-1].storage_id:
+        fresh_done = scanned_to  # every run read was taken: pass over the other records read too
+    cursor.after = fresh_done
+    report.waiting = len(cursor.waiting)
+    if report.stopped:
+        context.log.info(f"Tick {report.describe()}")
     return dg.SensorResult(
         run_requests=requests,
         asset_events=events,
-        cursor=cursor.model_dump_json(exclude_defaults=True),
-        skip_reason=None
-        if requests or events
-        else f"{len(cursor.pending)} run(s) pending, {polls} polled, none ready.",
+        cursor=cursor.dump(),
+        skip_reason=None if requests or events else report.describe(),
     )
+
+
+def _restart(
+    client: ActiveCampaignClient, run: PendingRun, events: list[dg.AssetObservation], log: logging.Logger
+) -> bool:
+    """Start a fresh run of a failed one's segment; its record (in `events`) brings it back to the sensor."""
+    _share_gate.wait(SENSOR_REQUESTS_PER_SECOND)
+    try:
+        fresh = client.start_run(run.segment_id, sort=run.sort)
+    except ActiveCampaignError as exc:
+        log.warning(f"Could not start a fresh run of segment {run.segment_id}: {exc}")
+        return False
+    finally:
+        _share_gate.done()
+    events.append(pending_observation(run.segment_id, fresh, run.sort, attempt=run.attempt + 1, kickoff=run.kickoff))
+    return True
+
+
+def _newer_pending(instance: dg.DagsterInstance, candidates: dict[str, int], now: float) -> dict[str, int]:
+    """Of these segments (with the record id of the run about to be polled), those with a newer
+    pending-run record, and its id. One indexed query for the tick's few segments."""
+    if not candidates:
+        return {}
+    latest = instance.event_log_storage.get_latest_storage_id_by_partition(
+        ASSET_KEY, dg.DagsterEventType.ASSET_OBSERVATION, partitions=set(candidates)
+    )
+    later = [storage_id for segment_id, storage_id in latest.items() if storage_id > candidates[segment_id]]
+    if not later:
+        return {}
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, storage_ids=later), limit=len(later)
+    ).records
+    log = logging.getLogger(__name__)
+    return {
+        record.partition_key: record.storage_id
+        for record in records
+        if record.partition_key is not None and _pending_run(record, now, log) is not None
+    }
 
 
 @dg.sensor(
@@ -269,7 +580,11 @@ def segment_discovery_sensor(
     assert segments_partitions.name is not None
     try:
         with _sensor_client(activecampaign) as client:
-            segments = client.list_segments()
+            _share_gate.wait(SENSOR_REQUESTS_PER_SECOND)
+            try:
+                segments = client.list_segments(page_size=10_000)  # the API's largest page: 10,000 segments a request
+            finally:
+                _share_gate.done()
     except ActiveCampaignError as exc:
         return dg.SensorResult(skip_reason=f"Could not list the account's segments: {exc}")
     known = set(context.instance.get_dynamic_partitions(segments_partitions.name))

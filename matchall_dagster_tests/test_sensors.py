@@ -1,8 +1,12 @@
-"""The discovery and readiness sensors, through `build_sensor_context` and `evaluate_tick`."""
+"""The discovery and readiness sensors, through `build_sensor_context` and `evaluate_tick`; the
+readiness sensor's pure parts (`decide`, `plan`, the cursor) directly, and under load in a
+simulated-time driver."""
 
 from __future__ import annotations
 
-import json
+import logging
+import math
+import random
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -15,11 +19,17 @@ from matchall_dagster.checks import RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.kickoff import pending_observation
 from matchall_dagster.models import MatchAllRun
 from matchall_dagster.sensors import (
-    MAX_POLLS_PER_TICK,
+    FIRST_POLL_DELAY,
+    MAX_POLL_DELAY,
+    REQUESTS_PER_TICK,
+    TICK_DEADLINE_SECONDS,
+    Due,
     PendingRun,
     ReadinessCursor,
     Step,
+    backed_off,
     decide,
+    plan,
     poll_delay,
 )
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
@@ -27,6 +37,7 @@ from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, sensor
 
 READINESS = "match_all_readiness_sensor"
 DISCOVERY = "segment_discovery_sensor"
+LOG = logging.getLogger("test")
 
 
 def tick(
@@ -36,11 +47,34 @@ def tick(
         return defs.resolve_sensor_def(name).evaluate_tick(context)
 
 
+class Clock:
+    """The readiness sensor's wall clock, moved forward by the test instead of waiting. It starts
+    FIRST_POLL_DELAY ahead, so that runs recorded by a test are due at once."""
+
+    def __init__(self) -> None:
+        self.offset = FIRST_POLL_DELAY
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture(autouse=True)
+def sensor_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr("matchall_dagster.sensors.clock", clock)
+    return clock
+
+
 def record_pending(
     instance: dg.DagsterInstance, server: SimulatorServer, *segment_ids: str, sort: str = "id"
 ) -> dict[str, str]:
     """Start runs as the kick-off does and record them as pending; returns run ids by segment."""
-    instance.add_dynamic_partitions("segments", list(segment_ids))
+    instance.add_dynamic_partitions(
+        "segments", sorted(set(segment_ids) - set(instance.get_dynamic_partitions("segments")))
+    )
     runs = {}
     with ActiveCampaignClient(server.url, DEFAULT_TOKEN, requests_per_second=1000) as client:
         for segment_id in segment_ids:
@@ -66,12 +100,15 @@ def materializations_of(data: dg.SensorExecutionData) -> list[str | None]:
     return [request.partition_key for request in data.run_requests if not request.asset_check_keys]
 
 
-# -- the pure decision ---------------------------------------------------------------------------
+def cursor_of(data: dg.SensorExecutionData) -> ReadinessCursor:
+    return ReadinessCursor.load(data.cursor, LOG)
 
 
-def pending(**changes: object) -> PendingRun:
-    run = PendingRun(segment_id="7", run_id="r", sort="id", next_poll_at=0.0)
-    return run.model_copy(update=changes)
+# -- the pure parts ------------------------------------------------------------------------------
+
+
+def pending(**changes: Any) -> PendingRun:
+    return PendingRun(segment_id="7", run_id="r", sort="id", started_at=0.0, **changes)
 
 
 def status(state: RunState) -> RunStatus:
@@ -99,21 +136,148 @@ def test_decide(state: RunState, attempt: int, step: Step) -> None:
     assert decide(pending(attempt=attempt), status(state), now=100.0, max_attempts=3).step is step
 
 
-def test_polls_back_off_per_run() -> None:
-    run = pending()
-    delays = []
-    for _ in range(10):
-        run = decide(run, status(RunState.RUNNING), now=0.0).run
-        delays.append(run.next_poll_at)
-    assert delays[:4] == [10.0, 20.0, 40.0, 80.0]
-    assert delays[-1] == poll_delay(10) == 600.0
+def test_polls_back_off_with_the_run_s_age() -> None:
+    run = pending(next_poll_at=FIRST_POLL_DELAY)
+    polled_at = []
+    while run.next_poll_at < 3_600:
+        polled_at.append(run.next_poll_at)
+        run = decide(run, status(RunState.RUNNING), now=run.next_poll_at).run
+    assert polled_at[:6] == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0]  # soon after the start, then less often
+    assert run.polls == len(polled_at) == 12  # an hour-long run costs a dozen polls
+    assert poll_delay(10**6) == MAX_POLL_DELAY
+    late = backed_off(pending(), now=3_000.0)  # first polled late: not again seconds later
+    assert late.next_poll_at == 3_000.0 + MAX_POLL_DELAY
 
 
-def test_an_unreadable_cursor_resets_cleanly() -> None:
-    import logging
+def due(at: float, storage_id: int, fresh: bool = False) -> Due:
+    return Due(at, storage_id, fresh)
 
-    assert ReadinessCursor.load("{not json", logging.getLogger("test")) == ReadinessCursor()
-    assert ReadinessCursor.load(None, logging.getLogger("test")).pending == []
+
+def test_plan_polls_the_oldest_due_first_within_the_budget() -> None:
+    waiting = [due(50, 1), due(10, 2), due(500, 3), due(30, 4)]
+    fresh = [due(20, 10, True), due(40, 11, True), due(45, 12, True), due(200, 13, True)]
+    chosen = plan(waiting, fresh, now=100, budget=4)
+    assert [item.storage_id for item in chosen] == [2, 10, 4, 11]
+    everything = plan(waiting, fresh, now=100, budget=100)
+    assert [item.storage_id for item in everything] == [2, 10, 4, 11, 12, 1]  # 3 and 13 are not due
+
+
+def test_plan_takes_new_records_in_log_order() -> None:
+    # A record written late but due early does not jump the ones before it: the taken ones stay a
+    # prefix of the log, so the cursor needs only the last one taken.
+    fresh = [due(30, 10, True), due(10, 11, True), due(35, 12, True)]
+    chosen = plan([due(31, 1)], fresh, now=100, budget=2)
+    assert [item.storage_id for item in chosen] == [10, 11]
+    assert [item.storage_id for item in plan([], fresh, now=32, budget=10)] == [10, 11]
+
+
+def test_the_cursor_packs_10000_waiting_runs_in_a_few_bytes_each() -> None:
+    rng = random.Random(1)
+    now = 1_800_000_000.0
+    waiting = {
+        storage_id: (now + rng.uniform(0, MAX_POLL_DELAY), rng.randint(1, 14))
+        for storage_id in sorted(rng.sample(range(1, 40_000), 10_000))
+    }
+    cursor = ReadinessCursor(after=40_000, waiting=waiting)
+    raw = cursor.dump()
+    assert len(raw) < 10_000 * 6  # under 6 bytes a run, the JSON list of runs took about 130
+    back = ReadinessCursor.load(raw, LOG)
+    assert back.after == 40_000
+    assert back.waiting.keys() == waiting.keys()
+    for storage_id, (next_poll_at, polls) in waiting.items():
+        assert back.waiting[storage_id] == (math.ceil(next_poll_at), polls)  # due times in whole seconds
+    assert ReadinessCursor.load(ReadinessCursor().dump(), LOG) == ReadinessCursor()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "{not json",
+        '{"observations": "x", "pending": [{"segment_id": "1"}]}',  # the previous version's cursor
+        '{"v": 2, "after": 5, "n": 3, "base": 0, "waiting": "AAAA"}',
+        '{"v": 2, "after": "five"}',
+    ],
+)
+def test_an_unreadable_cursor_resets_cleanly(raw: str, caplog: pytest.LogCaptureFixture) -> None:
+    assert ReadinessCursor.load(raw, LOG) == ReadinessCursor()
+    assert "could not be read" in caplog.text
+    assert ReadinessCursor.load(None, LOG) == ReadinessCursor()
+
+
+def simulate(
+    runs: int, ready_after: list[float], *, kickoff_rate: float, tick_seconds: float, budget: int
+) -> dict[str, float]:
+    """The sensor's scheduling (plan, decide, the cursor's round trip) against runs that start at
+    the kick-off's rate and turn ready after the given delays, in simulated time.
+
+    Returns the most ticks a due run waited for its poll, how far beyond its turn that is (its turn:
+    floor(runs due before it, when it became due / budget) ticks), the polls per run, and the
+    worst delay from ready to requested.
+    """
+    started = [i / kickoff_rate for i in range(runs)]
+    cursor = ReadinessCursor()
+    polls = [0] * runs
+    first_seen: dict[tuple[int, float], tuple[int, int]] = {}  # (run, due) -> (tick, rank then)
+    worst_wait_ticks = worst_excess = worst_delay = 0.0
+    done = 0
+    ticks = 0
+    while done < runs:
+        ticks += 1
+        now = ticks * tick_seconds
+        after = -1 if cursor.after is None else cursor.after
+        new = [Due(started[i] + FIRST_POLL_DELAY, i, True) for i in range(after + 1, runs) if started[i] <= now]
+        waiting = [Due(at, i, False) for i, (at, _) in cursor.waiting.items()]
+        everything_due = plan(waiting, new, now, budget=runs)
+        for rank, item in enumerate(everything_due):
+            first_seen.setdefault((item.storage_id, item.due_at), (ticks, rank))
+        chosen = plan(waiting, new[:budget], now, budget)  # the sensor reads `budget` new records a tick
+        assert chosen == everything_due[:budget]
+        for item in chosen:
+            i = item.storage_id
+            seen_tick, rank = first_seen[(i, item.due_at)]
+            worst_wait_ticks = max(worst_wait_ticks, ticks - seen_tick)
+            worst_excess = max(worst_excess, ticks - seen_tick - rank // budget)
+            run = PendingRun("s", str(i), "id", started_at=started[i], storage_id=i, polls=polls[i])
+            ready = now >= started[i] + ready_after[i]
+            decision = decide(run, status(RunState.READY if ready else RunState.RUNNING), now)
+            polls[i] += 1
+            if item.fresh:
+                cursor.after = i
+            cursor.waiting.pop(i, None)
+            if decision.step is Step.WAIT:
+                cursor.waiting[i] = (decision.run.next_poll_at, decision.run.polls)
+            else:
+                done += 1
+                worst_delay = max(worst_delay, now - (started[i] + ready_after[i]))
+        cursor = ReadinessCursor.load(cursor.dump(), LOG)
+    return {
+        "worst_wait_ticks": worst_wait_ticks,
+        "worst_excess_ticks": worst_excess,
+        "polls_per_run": sum(polls) / runs,
+        "max_polls": max(polls),
+        "worst_delay": worst_delay,
+    }
+
+
+def test_under_load_every_due_run_is_polled_in_turn_and_polls_stay_few() -> None:
+    """1,000 runs started at the kick-off's 4/s, polled at 24 a tick: the sensor is the bottleneck."""
+    rng = random.Random(3)
+    ready_after = [rng.choice([1.0, 3.0, 30.0, 300.0, 1_800.0]) for _ in range(1_000)]
+    result = simulate(1_000, ready_after, kickoff_rate=4.0, tick_seconds=30.0, budget=24)
+    assert result["worst_excess_ticks"] == 0  # never later than its turn
+    assert result["worst_wait_ticks"] > 10  # and the sensor was the bottleneck
+    assert result["polls_per_run"] < 2.0
+    assert result["max_polls"] <= 8
+
+
+def test_when_polls_keep_up_runs_are_requested_soon_after_they_turn_ready() -> None:
+    rng = random.Random(4)
+    ready_after = [rng.uniform(1, 3_600) for _ in range(200)]
+    result = simulate(200, ready_after, kickoff_rate=4.0, tick_seconds=30.0, budget=24)
+    assert result["worst_excess_ticks"] == 0
+    assert result["polls_per_run"] < 12  # about log2(age / 5 s) each, at most a poll every 10 minutes
+    # Ready at most one backoff (capped at 10 minutes) and a tick before being requested.
+    assert result["worst_delay"] <= MAX_POLL_DELAY + 2 * 30.0
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -168,46 +332,71 @@ def test_ready_runs_are_requested_once_each(
         assert request.run_key == f"{segment_id}/{runs[segment_id]}"
         config = request.run_config["ops"]["segment_matches"]["config"]
         assert config == {"run_id": runs[segment_id], "sort": "-email"}
-    assert json.loads(data.cursor or "{}").get("pending", []) == []
+        assert request.tags["matchall/polls"] == "1"
+    assert cursor_of(data).waiting == {}
     later = tick(instance, defs, READINESS, data.cursor)
     assert not later.run_requests  # nothing is requested twice
+    assert server.simulator.stats()["requests"] == 2 + 2  # two starts, two polls, nothing after
 
 
-def test_running_runs_wait_with_backoff_and_stay_in_the_cursor(
-    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+def test_running_runs_wait_with_backoff_in_the_cursor(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
 ) -> None:
-    record_pending(instance, server, "99")
+    record_pending(instance, server, "99")  # ready after an hour
     data = tick(instance, defs, READINESS)
     assert not data.run_requests
-    (run,) = ReadinessCursor.model_validate_json(data.cursor or "").pending
-    assert (run.segment_id, run.polls) == ("99", 1)
-    assert run.next_poll_at > time.time() + 5
+    ((next_poll_at, polls),) = cursor_of(data).waiting.values()
+    assert polls == 1
+    assert next_poll_at >= time.time() + FIRST_POLL_DELAY - 1
     again = tick(instance, defs, READINESS, data.cursor)  # not due yet: no poll
-    assert ReadinessCursor.model_validate_json(again.cursor or "").pending[0].polls == 1
+    assert cursor_of(again) == cursor_of(data)
+    assert len(data.cursor or "") < 120
     server.simulator.advance_clock(3_601)
-    ready_cursor = ReadinessCursor.model_validate_json(again.cursor or "")
-    ready_cursor.pending[0].next_poll_at = 0
-    done = tick(instance, defs, READINESS, ready_cursor.model_dump_json())
+    sensor_clock.advance(3_601)
+    done = tick(instance, defs, READINESS, again.cursor)
     assert [request.partition_key for request in done.run_requests] == ["99"]
+    assert done.run_requests[0].tags["matchall/polls"] == "2"
+    assert cursor_of(done).waiting == {}
+
+
+def test_a_newer_run_of_a_segment_replaces_the_older_one(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
+) -> None:
+    older = record_pending(instance, server, "99")
+    first = tick(instance, defs, READINESS)
+    assert len(cursor_of(first).waiting) == 1  # the older run, polled, waits
+    newer = record_pending(instance, server, "99")  # the next day's kick-off, say
+    server.simulator.advance_clock(3_601)  # both are ready now
+    sensor_clock.advance(3_601)
+    server.simulator.reset_stats()
+    data = tick(instance, defs, READINESS, first.cursor)
+    assert [request.run_key for request in data.run_requests] == [f"99/{newer['99']}"]
+    assert older["99"] != newer["99"]
+    assert server.simulator.stats()["requests"] == 1  # the older one is dropped without a poll
+    assert cursor_of(data).waiting == {}
 
 
 def test_a_failed_run_is_recorded_on_its_partition_and_started_again(
-    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
 ) -> None:
     runs = record_pending(instance, server, "77", "1")
     data = tick(instance, defs, READINESS)
     assert checks_of(data) == [(RUN_NOT_FAILED, "77", runs["77"])]
-    observations = [e for e in data.asset_events if isinstance(e, dg.AssetObservation)]
-    assert [o.partition for o in observations] == ["77"]
-    (fresh,) = ReadinessCursor.model_validate_json(data.cursor or "").pending
-    assert fresh.segment_id == "77"
-    assert fresh.run_id != runs["77"]
-    assert fresh.attempt == 2
     assert materializations_of(data) == ["1"]
+    (observation,) = [e for e in data.asset_events if isinstance(e, dg.AssetObservation)]
+    assert observation.partition == "77"
+    assert observation.metadata["attempt"].value == 2
+    assert observation.metadata["run_id"].value != runs["77"]
+    assert cursor_of(data).waiting == {}  # the fresh run comes back through its record
+    for event in data.asset_events:  # as the daemon does
+        instance.report_runless_asset_event(event)
+    sensor_clock.advance(FIRST_POLL_DELAY)
+    again = tick(instance, defs, READINESS, data.cursor)
+    assert checks_of(again) == [(RUN_NOT_FAILED, "77", observation.metadata["run_id"].value)]
 
 
 def test_failed_runs_are_started_again_at_most_max_attempts_times(
-    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
 ) -> None:
     record_pending(instance, server, "77")
     cursor = None
@@ -215,12 +404,12 @@ def test_failed_runs_are_started_again_at_most_max_attempts_times(
     for _ in range(4):
         data = tick(instance, defs, READINESS, cursor)
         outcomes.append(checks_of(data))
-        state = ReadinessCursor.model_validate_json(data.cursor or "")
-        for run in state.pending:
-            run.next_poll_at = 0
-        cursor = state.model_dump_json()
+        for event in data.asset_events:
+            instance.report_runless_asset_event(event)
+        cursor = data.cursor
+        sensor_clock.advance(FIRST_POLL_DELAY)
     assert [len(found) for found in outcomes] == [1, 1, 1, 0]
-    assert ReadinessCursor.model_validate_json(cursor or "").pending == []
+    assert ReadinessCursor.load(cursor, LOG).waiting == {}
     assert server.simulator.stats()["requests"] == 3 + 3  # 3 starts, 3 polls
 
 
@@ -231,7 +420,7 @@ def test_the_number_of_attempts_is_configurable_and_validated(
     monkeypatch.setenv("MATCHALL_MAX_RUN_ATTEMPTS", "1")
     data = tick(instance, defs, READINESS)
     assert [check for check, *_ in checks_of(data)] == [RUN_NOT_FAILED]
-    assert ReadinessCursor.model_validate_json(data.cursor or "").pending == []  # no fresh run
+    assert not data.asset_events  # no fresh run
     monkeypatch.setenv("MATCHALL_MAX_RUN_ATTEMPTS", "many")
     with pytest.raises(Exception, match="MATCHALL_MAX_RUN_ATTEMPTS must be a whole number from 1 to 100"):
         tick(instance, defs, READINESS)
@@ -245,57 +434,82 @@ def test_an_expired_run_is_recorded_as_run_not_expired(
     data = tick(instance, defs, READINESS)
     assert checks_of(data) == [(RUN_NOT_EXPIRED, "88", runs["88"])]
     assert materializations_of(data) == []
-    assert ReadinessCursor.model_validate_json(data.cursor or "").pending == []
+    assert cursor_of(data).waiting == {}
 
 
 def test_one_bad_segment_does_not_stop_the_others(
-    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
 ) -> None:
     record_pending(instance, server, "1", "10001")
     server.simulator.set_faults(Faults(error_rate=1.0))
-    failing = tick(instance, defs, READINESS)  # every poll gives up after its retries
+    failing = tick(instance, defs, READINESS)  # each poll fails (no retry inside a tick)
     assert not failing.run_requests
-    state = ReadinessCursor.model_validate_json(failing.cursor or "")
-    assert sorted(run.segment_id for run in state.pending) == ["1", "10001"]
+    assert len(cursor_of(failing).waiting) == 2
     server.simulator.set_faults(Faults())
-    for run in state.pending:
-        run.next_poll_at = 0
-    recovered = tick(instance, defs, READINESS, state.model_dump_json())
+    sensor_clock.advance(2 * FIRST_POLL_DELAY)  # due again: the wait is the run's age, in whole seconds
+    recovered = tick(instance, defs, READINESS, failing.cursor)
     assert sorted(request.partition_key for request in recovered.run_requests) == ["1", "10001"]
 
 
-def test_a_tick_polls_a_bounded_batch_oldest_due_first(
-    instance: dg.DagsterInstance, serve_simulator: ServeSimulator, monkeypatch: pytest.MonkeyPatch, duckdb_file: object
+def test_an_unavailable_api_ends_the_tick_early_and_keeps_the_rest_due(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+) -> None:
+    segments = ["1", "9999", "10000", "10001", "25001"]
+    record_pending(instance, server, *segments)
+    server.simulator.set_faults(Faults(error_rate=1.0))
+    server.simulator.reset_stats()
+    data = tick(instance, defs, READINESS)
+    assert server.simulator.stats()["requests"] == 3  # three in a row unavailable: stop
+    assert data.skip_message is not None
+    assert "unavailable" in data.skip_message
+    assert len(cursor_of(data).waiting) == 3  # the other two are still new records, due first
+
+
+def test_a_long_retry_after_ends_the_tick_instead_of_waiting(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+) -> None:
+    record_pending(instance, server, "1", "10001")
+    server.simulator.set_faults(
+        Faults(burst_429_rate=1.0, burst_429_length=100, burst_429_retry_after_seconds=int(TICK_DEADLINE_SECONDS))
+    )
+    began = time.monotonic()
+    data = tick(instance, defs, READINESS)
+    assert time.monotonic() - began < 10
+    assert data.skip_message is not None
+    assert "wait past the tick" in data.skip_message
+
+
+def test_a_tick_sends_at_most_its_budget_oldest_due_first(
+    instance: dg.DagsterInstance,
+    serve_simulator: ServeSimulator,
+    monkeypatch: pytest.MonkeyPatch,
+    duckdb_file: object,
+    sensor_clock: Clock,
 ) -> None:
     from matchall_dagster.definitions import build_definitions
 
-    count = MAX_POLLS_PER_TICK * 3 // 2  # more than one tick polls, fewer than two
+    count = REQUESTS_PER_TICK * 3 // 2  # more than one tick polls, fewer than two
     many = SimAccount([SimSegment(str(i), f"S{i}", 3, ready_after=10**6) for i in range(1, count + 1)])
     server = serve_simulator(many)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
-    monkeypatch.setattr("matchall_dagster.sensors.SENSOR_REQUESTS_PER_SECOND", 1000.0)
+    monkeypatch.setattr("matchall_dagster.sensors.SENSOR_REQUESTS_PER_SECOND", 1000.0)  # budget unchanged
     defs = build_definitions(duckdb_database=str(duckdb_file))
     record_pending(instance, server, *[segment.id for segment in many.segments])
     server.simulator.reset_stats()
     first = tick(instance, defs, READINESS)
-    assert server.simulator.stats()["requests"] == MAX_POLLS_PER_TICK
-    state = ReadinessCursor.model_validate_json(first.cursor or "")
-    polled = {run.segment_id for run in state.pending if run.polls}
-    assert len(polled) == MAX_POLLS_PER_TICK
-    waiting_since = max(run.next_poll_at for run in state.pending if not run.polls)
-    for run in state.pending:  # the polled ones are due again too, but became due later
-        if run.polls:
-            run.next_poll_at = waiting_since + 0.001
-    second = tick(instance, defs, READINESS, state.model_dump_json())
-    after = ReadinessCursor.model_validate_json(second.cursor or "")
-    assert all(run.polls >= 1 for run in after.pending)  # no run waited more than two ticks
-
-
-def test_the_cursor_stays_small(instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer) -> None:
-    record_pending(instance, server, "99")
-    data = tick(instance, defs, READINESS)
-    assert len(data.cursor or "") < 300
+    assert server.simulator.stats()["requests"] == REQUESTS_PER_TICK
+    state = cursor_of(first)
+    assert len(state.waiting) == REQUESTS_PER_TICK
+    sensor_clock.advance(3_600)  # everything is due: the polled runs again, the others for the first time
+    server.simulator.reset_stats()
+    second = tick(instance, defs, READINESS, first.cursor)
+    assert server.simulator.stats()["requests"] == REQUESTS_PER_TICK
+    after = cursor_of(second)
+    assert len(after.waiting) == count  # every run now polled once at least: none waited two ticks
+    repolled = [storage_id for storage_id, (_, polls) in after.waiting.items() if polls == 2]
+    assert len(repolled) == REQUESTS_PER_TICK - (count - REQUESTS_PER_TICK)
+    assert sorted(repolled) == sorted(state.waiting)[: len(repolled)]  # the oldest due of those
 
 
 def test_the_requested_check_runs_record_the_verdict_on_the_partition(
@@ -338,10 +552,9 @@ def test_killed_ticks_forget_no_run_and_materialize_none_twice(
     defs: dg.Definitions,
     server: SimulatorServer,
     monkeypatch: pytest.MonkeyPatch,
+    sensor_clock: Clock,
 ) -> None:
     """Ticks are killed at random points; as in the daemon, a killed tick's cursor is not saved."""
-    import random
-
     monkeypatch.setattr("matchall_dagster.sensors.SENSOR_REQUESTS_PER_SECOND", 1000.0)
     segments = ["1", "9999", "10000", "10001", "25001", UUID_SEGMENT, "100", "77"]
     record_pending(instance, server, *segments)
@@ -376,6 +589,7 @@ def test_killed_ticks_forget_no_run_and_materialize_none_twice(
     requested: list[str] = []
     killed = 0
     for _ in range(80):
+        sensor_clock.advance(MAX_POLL_DELAY)  # everything due again at once instead of waiting
         try:
             data = tick(instance, defs, READINESS, cursor)
         except _Killed:
@@ -384,14 +598,11 @@ def test_killed_ticks_forget_no_run_and_materialize_none_twice(
         requested.extend(request.run_key or "" for request in data.run_requests)
         for event in data.asset_events:  # the daemon stores a successful tick's events
             instance.report_runless_asset_event(event)
-        state = ReadinessCursor.model_validate_json(data.cursor or "")
-        for run in state.pending:  # make everything due at once instead of waiting
-            run.next_poll_at = 0
-        cursor = state.model_dump_json()
-        if not state.pending:
+        cursor = data.cursor
+        if not ReadinessCursor.load(cursor, LOG).waiting and len(requested) >= len(segments) + 2:
             break
     assert killed > 0
-    assert ReadinessCursor.model_validate_json(cursor or "").pending == []  # nothing forgotten, nothing left
+    assert ReadinessCursor.load(cursor, LOG).waiting == {}  # nothing forgotten, nothing left
     assert len(requested) == len(set(requested))  # nothing requested twice
     materialized = sorted(key.split("/")[0] for key in requested if key.count("/") == 1)
     assert materialized == sorted(s for s in segments if s != "77")
