@@ -257,9 +257,7 @@ class Deployment:
         return data
 
 
-def _children_env(
-    *, dagster_home: Path, duckdb_path: Path, simulator_url: str, database: str, artifacts: Path
-) -> dict[str, str]:
+def _children_env(*, dagster_home: Path, duckdb_path: Path, simulator_url: str, database: str) -> dict[str, str]:
     return {
         "DAGSTER_HOME": str(dagster_home),
         "DAGSTER_PG_USERNAME": PG_USER,
@@ -273,7 +271,6 @@ def _children_env(
         "MATCHALL_KICKOFF_CRON": "* * * * *",  # the schedule fires within the session
         "MATCHALL_MAX_RUN_ATTEMPTS": "1",  # one failed run per kick-off: fewer runs on 2 cores
         "PYTHONUNBUFFERED": "1",
-        "TMPDIR": str(artifacts / "tmp"),
     }
 
 
@@ -295,7 +292,6 @@ def run_deployment(artifacts: Path) -> Iterator[Deployment]:
     shutil.rmtree(artifacts, ignore_errors=True)
     dagster_home = artifacts / "dagster_home"
     dagster_home.mkdir(parents=True)
-    (artifacts / "tmp").mkdir()
     shutil.copy(DEPLOY_CONFIG, dagster_home / "dagster.yaml")
     duckdb_path = artifacts / "matchall.duckdb"
     bin_dir = Path(sys.executable).parent
@@ -312,7 +308,6 @@ def run_deployment(artifacts: Path) -> Iterator[Deployment]:
             duckdb_path=duckdb_path,
             simulator_url=server.url,
             database=database,
-            artifacts=artifacts,
         )
         deployment = Deployment(
             webserver_url=f"http://127.0.0.1:{port}",
