@@ -47,7 +47,7 @@ def pending_observation(
 
 def kickoff_id(run: dg.DagsterRun) -> str:
     """The id every attempt of one kick-off shares: the root run of its re-executions."""
-    return run.root_run_id or run.run_id
+    return run.root_run_id or run.get_root_run_id() or run.run_id
 
 
 def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
