@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 def kickoff(
     instance: dg.DagsterInstance,
     defs: dg.Definitions,
-    resources: dict[str, object] | None = None,
+    resources: Mapping[str, object] | None = None,
     tags: dict[str, str] | None = None,
     **config: object,
 ) -> dg.ExecuteInProcessResult:
