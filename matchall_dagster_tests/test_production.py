@@ -17,7 +17,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
 from dagster._core.instance.config import dagster_instance_config  # what loading DAGSTER_HOME runs
 
-from matchall_dagster.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.checks import API_POOL, ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.definitions import defs as project_defs
 from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.sensors import SENSOR_REQUESTS_PER_SECOND
@@ -35,13 +35,6 @@ SCHEDULE = "match_all_kickoff_schedule"
 DISCOVERY = "segment_discovery_sensor"
 READINESS = "match_all_readiness_sensor"
 E2E_TIMEOUT = 200.0  # inside pytest's 300 s, with the stack's start and stop
-# The steps in the `activecampaign` pool (see API_POOL in matchall_dagster/checks.py).
-POOL_STEPS = {
-    "start_match_all_runs",
-    "segment_matches",
-    f"segment_matches_{RUN_NOT_FAILED}",
-    f"segment_matches_{RUN_NOT_EXPIRED}",
-}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -216,15 +209,24 @@ def _duckdb_rows(path: Path) -> dict[str, list[int]]:
     raise AssertionError(f"{path} stayed locked by a run for 15 s")
 
 
+def _pool_steps() -> set[str]:
+    """The step keys of every op in the API pool, from the project's jobs."""
+    jobs = (project_defs.resolve_implicit_global_asset_job_def(), project_defs.resolve_job_def("match_all_kickoff_job"))
+    steps = {name for job in jobs for name, node in job.graph.node_dict.items() if API_POOL in node.definition.pools}
+    assert {"segment_matches", "start_match_all_runs"} <= steps
+    return steps
+
+
 def _pool_step_intervals(instance: dg.DagsterInstance, run_ids: list[str]) -> list[tuple[float, float, str]]:
     """(start, end, run/step) of every API step of these runs, from their events."""
     intervals = []
+    pool_steps = _pool_steps()
     kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
     for run_id in run_ids:
         started: dict[str, float] = {}
         for record in instance.get_records_for_run(run_id, of_type=kinds).records:
             entry = record.event_log_entry
-            if entry.step_key not in POOL_STEPS:
+            if entry.step_key not in pool_steps:
                 continue
             if entry.dagster_event_type == dg.DagsterEventType.STEP_START:
                 started[entry.step_key] = entry.timestamp
@@ -281,7 +283,7 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
 
         # The API pool is limited to one step at a time, from deploy/dagster.yaml, and it held:
         # no two API steps of any runs overlapped.
-        assert instance.event_log_storage.get_concurrency_info("activecampaign").limit == 1
+        assert instance.event_log_storage.get_concurrency_info(API_POOL).limit == 1
         intervals = _pool_step_intervals(instance, [r.dagster_run.run_id for r in finished])
         assert len(intervals) >= len(finished)
         for (_, end, first), (start, _, second) in itertools.pairwise(intervals):
