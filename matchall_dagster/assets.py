@@ -35,7 +35,11 @@ class SegmentMatchesConfig(dg.Config):
 
 
 def members_frame(segment_id: str, contact_ids: ContactIds) -> pd.DataFrame:
-    """The rows of one partition: columnar, with the segment id stored once (dictionary-encoded)."""
+    """The rows of one partition: columnar, with the segment id stored once (dictionary-encoded).
+
+    `copy=False` keeps `contact_ids` as the frame's column: pandas would otherwise copy both int64
+    columns into one block (16 bytes an id, 160 MB at 10,000,000 members).
+    """
     size = contact_ids.size
     segment = pa.DictionaryArray.from_arrays(pa.array(np.zeros(size, dtype=np.int8)), pa.array([segment_id]))
     return pd.DataFrame(
@@ -43,7 +47,8 @@ def members_frame(segment_id: str, contact_ids: ContactIds) -> pd.DataFrame:
             "segment_id": pd.arrays.ArrowExtensionArray(segment),
             "position": np.arange(1, size + 1, dtype=np.int64),
             "contact_id": contact_ids,
-        }
+        },
+        copy=False,
     )
 
 

@@ -5,21 +5,21 @@ materialization they judge the run it read (from its metadata, without a request
 readiness sensor finds a run failed or gone, it launches the check alone with that run's id, so
 a segment whose run never materializes still shows why, in a run of its own with its log.
 (Sensors could report check results without a run, but Dagster 1.13 stores only one run-less
-result per check and partition.) `matches_complete` reads the stored rows back and compares them
-with what the API said the run holds.
+result per check and partition.) `matches_complete` compares the stored rows with what the API
+said the run holds; the database counts them (a `PartitionSummary` input, see storage.py), so a
+partition of millions of rows is never loaded into the check's process.
 """
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from matchall_dagster.models import MatchAllRun, RunState
 from matchall_dagster.partitions import segments_partitions
 from matchall_dagster.resource import ActiveCampaignResource
+from matchall_dagster.storage import PartitionSummary
 from matchall_dagster.validation import DEFAULT_SORT
 
 ASSET_KEY = dg.AssetKey("segment_matches")
@@ -155,12 +155,12 @@ def run_not_expired(
     partitions_def=segments_partitions,
     description="The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
 )
-def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: pd.DataFrame) -> dg.AssetCheckResult:
+def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: PartitionSummary) -> dg.AssetCheckResult:
     materialized = _materialized(context) or {}
     expected = materialized.get("page_total")
-    rows = len(segment_matches)
-    in_order = bool(np.array_equal(np.sort(segment_matches["position"].to_numpy()), np.arange(1, rows + 1)))
-    duplicates = int(segment_matches["contact_id"].duplicated().sum())
+    rows = segment_matches.rows
+    in_order = segment_matches.positions_exact
+    duplicates = segment_matches.repeated_contacts
     problems = []
     if expected is None:
         problems.append("the materialization records no page_total to compare with")
