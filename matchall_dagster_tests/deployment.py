@@ -11,6 +11,7 @@ the DAGSTER_HOME (with its compute logs) and the DuckDB file stay in the artifac
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -287,8 +288,31 @@ def _wait_for_webserver(service: Service, url: str, timeout: float = 120.0) -> N
 
 
 @contextlib.contextmanager
+def _claim(artifacts: Path) -> Iterator[Path]:
+    """`artifacts`, locked for this session; when another session (a second pytest run at the same
+    time) holds it, a sibling named after this process, so that neither empties the other's."""
+    artifacts.parent.mkdir(parents=True, exist_ok=True)
+    with (artifacts.parent / f".{artifacts.name}.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield artifacts.with_name(f"{artifacts.name}-{os.getpid()}")
+            return
+        try:
+            yield artifacts
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def run_deployment(artifacts: Path) -> Iterator[Deployment]:
     """Start the stack with its logs in `artifacts` (emptied first); stop it all on exit."""
+    with _claim(artifacts) as claimed, _started(claimed) as deployment:
+        yield deployment
+
+
+@contextlib.contextmanager
+def _started(artifacts: Path) -> Iterator[Deployment]:
     shutil.rmtree(artifacts, ignore_errors=True)
     dagster_home = artifacts / "dagster_home"
     dagster_home.mkdir(parents=True)
