@@ -29,7 +29,7 @@ from typing import Any
 import dagster as dg
 import httpx
 import psutil
-import psycopg2  # type: ignore[import-untyped]  # no stubs installed (types-psycopg2)
+import psycopg2
 import pytest
 
 from matchall_dagster.simulator import (

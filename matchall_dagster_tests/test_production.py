@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 import pytest
-import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
+import yaml
 from dagster._core.instance.config import dagster_instance_config  # what loading DAGSTER_HOME runs
 
 from matchall_dagster.checks import API_POOL, ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
