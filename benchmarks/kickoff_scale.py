@@ -1,0 +1,180 @@
+"""The kick-off at 10,000 segments, killed part-way and re-executed.
+
+`python -m benchmarks.kickoff_scale` prints a report (`--json` for one JSON line). The project's
+kick-off job runs in a process of its own (`execute_job` on a SQLite instance in a temporary
+DAGSTER_HOME) against the simulator over HTTP, which enforces the account's limit. When about
+half the runs are started, the run's process group is killed (SIGKILL); the run is marked failed
+(what Dagster's run monitoring does) and re-executed from failure, as from the UI. Reported:
+segments started once and twice, records per segment, the most requests the server saw in any
+second against the kick-off's rate, how long the re-execution took to find what was already
+started, and the rates achieved.
+
+`--speedup K` multiplies the kick-off's rate and the server's limit by K (4/s and 5/s by default),
+so that 10,000 segments take minutes instead of 42; the limit holds the same way at any scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from matchall_dagster import ActiveCampaignResource
+from matchall_dagster.checks import ASSET_KEY
+from matchall_dagster.kickoff import KICKOFF, PENDING, STATUS, match_all_kickoff_job, started_segments
+from matchall_dagster.simulator import (
+    DEFAULT_TOKEN,
+    SimAccount,
+    SimSegment,
+    Simulator,
+    SimulatorConfig,
+    SimulatorServer,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RATE_VARIABLE = "KICKOFF_BENCH_RATE"
+_RUN = """
+import sys
+import dagster as dg
+job = dg.build_reconstructable_job(
+    "benchmarks.kickoff_scale", "kickoff_job", reconstructor_working_directory=sys.argv[1]
+)
+with dg.DagsterInstance.get() as instance:
+    dg.execute_job(job, instance, run_config={"ops": {"start_match_all_runs": {"config": {}}}})
+"""
+
+
+def kickoff_job() -> dg.JobDefinition:
+    """The project's kick-off job with its resource at the benchmark's rate (rebuilt in the run's processes)."""
+    resource = ActiveCampaignResource(
+        api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
+        api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
+        requests_per_second=float(os.environ[RATE_VARIABLE]),
+    )
+    return dg.Definitions(jobs=[match_all_kickoff_job], resources={"activecampaign": resource}).resolve_job_def(
+        "match_all_kickoff_job"
+    )
+
+
+def records_of(instance: dg.DagsterInstance, kickoff: str) -> Counter[str]:
+    found: Counter[str] = Counter()
+    cursor = None
+    while True:
+        page = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=ASSET_KEY), limit=5_000, cursor=cursor, ascending=True
+        )
+        for record in page.records:
+            metadata = record.asset_observation.metadata if record.asset_observation else {}
+            if STATUS in metadata and metadata[STATUS].value == PENDING and metadata[KICKOFF].value == kickoff:
+                found[str(record.partition_key)] += 1
+        cursor = page.cursor
+        if not page.has_more:
+            return found
+
+
+def run(segments: int, speedup: float, kill_at: float) -> dict[str, Any]:
+    rate, limit = 4.0 * speedup, 5.0 * speedup
+    ids = [str(i) for i in range(1, segments + 1)]
+    account = SimAccount([SimSegment(segment_id, f"S{segment_id}", 1) for segment_id in ids])
+    config = SimulatorConfig(requests_per_second=limit, ready_after=0.0)
+    with tempfile.TemporaryDirectory() as home, SimulatorServer(Simulator(account, config)) as server:
+        Path(home, "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        os.environ.update(
+            DAGSTER_HOME=home,
+            ACTIVECAMPAIGN_API_URL=server.url,
+            ACTIVECAMPAIGN_API_KEY=DEFAULT_TOKEN,
+            **{RATE_VARIABLE: str(rate)},
+        )
+        os.environ.pop("MATCHALL_SEGMENTS", None)
+        simulator = server.simulator
+        with dg.DagsterInstance.get() as instance:
+            instance.add_dynamic_partitions("segments", ids)
+            began = time.monotonic()
+            process = subprocess.Popen(  # noqa: S603  # our own interpreter and script
+                [sys.executable, "-c", _RUN, str(REPO)], cwd=REPO, start_new_session=True
+            )
+            try:
+                while len(simulator.runs) < kill_at * segments and process.poll() is None:
+                    time.sleep(0.02)
+                if process.poll() is not None:
+                    raise RuntimeError("the kick-off ended before it could be killed; raise --segments")
+                os.killpg(process.pid, signal.SIGKILL)
+                killed = time.monotonic()
+            finally:
+                process.wait(timeout=60)
+            killed_after = time.monotonic() - began
+            started_when_killed = len(simulator.runs)
+            (first,) = instance.get_runs()
+            recorded_when_killed = sum(records_of(instance, first.run_id).values())
+            instance.report_run_failed(first, message="The run's process was killed.")
+            lookup = time.monotonic()
+            already = started_segments(instance, first.run_id)
+            lookup_s = time.monotonic() - lookup
+            resumed = time.monotonic()
+            result = dg.execute_job(
+                dg.build_reconstructable_job(
+                    "benchmarks.kickoff_scale", "kickoff_job", reconstructor_working_directory=str(REPO)
+                ),
+                instance,
+                reexecution_options=dg.ReexecutionOptions.from_failure(first.run_id, instance),
+            )
+            resumed_s = time.monotonic() - resumed
+            records = records_of(instance, first.run_id)
+            started = Counter(run.segment.id for run in simulator.runs.values())
+        stats = simulator.stats()
+    arrivals = stats["arrivals"]
+    return {
+        "segments": segments,
+        "kickoff_rate_per_s": rate,
+        "server_limit_per_s": limit,
+        "killed_after_s": round(killed_after, 1),
+        "started_when_killed": started_when_killed,
+        "recorded_when_killed": recorded_when_killed,
+        "already_started_found": len(already),
+        "finding_them_s": round(lookup_s, 2),
+        "reexecution_success": result.success,
+        "reexecution_s": round(resumed_s, 1),
+        "segments_started": len(started),
+        "segments_started_twice": sum(1 for count in started.values() if count > 1),
+        "segments_never_started": segments - len(started),
+        "records_per_segment": sorted(Counter(records.values()).items()),
+        "segments_without_record": segments - len(records),
+        "requests": stats["requests"],
+        "statuses": stats["by_status"],
+        "max_requests_in_any_second": stats["max_requests_in_any_second"],
+        "rate_before_kill_per_s": _rate([moment for moment in arrivals if moment < killed]),
+        "rate_after_resume_per_s": _rate([moment for moment in arrivals if moment >= killed]),
+    }
+
+
+def _rate(arrivals: list[float]) -> float:
+    return round((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), 2) if len(arrivals) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--segments", type=int, default=10_000)
+    parser.add_argument("--speedup", type=float, default=10.0, help="multiplies the kick-off's 4/s and the 5/s limit")
+    parser.add_argument("--kill-at", type=float, default=0.5, help="share of runs started when the process is killed")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    report = run(args.segments, args.speedup, args.kill_at)
+    if args.json:
+        print(json.dumps(report))
+        return
+    for name, value in report.items():
+        print(f"{name:30} {value}")
+
+
+if __name__ == "__main__":
+    main()
