@@ -47,6 +47,7 @@ from matchall_dagster.models import (
     RunStatus,
     Segment,
     parse_error_details,
+    parse_page,
     parse_run,
     parse_segments,
 )
@@ -255,6 +256,17 @@ class ActiveCampaignClient:
         Always pass the sort the run was started with: another sort makes the API throw its
         cache away and search again under the same run id.
         """
+        return self._read_run(segment_id, run_id, sort, page, page_size, parse_run)
+
+    def _get_page(
+        self, segment_id: str, run_id: str, *, sort: str, page: int, page_size: int
+    ) -> tuple[MatchAllRun, ContactIds | None]:
+        """`get_run` for the pager: the ids come as an int64 array, never as a list of ints."""
+        return self._read_run(segment_id, run_id, sort, page, page_size, parse_page)
+
+    def _read_run(
+        self, segment_id: str, run_id: str, sort: str, page: int, page_size: int | None, parse: Callable[[bytes], T]
+    ) -> T:
         segment_id = validate_id(segment_id)
         run_id = validate_id(run_id, "run id")
         sort = validate_sort(sort)
@@ -271,7 +283,7 @@ class ActiveCampaignClient:
             f"/api/3/segmentMatchAll/{quote(segment_id, safe='')}/{quote(run_id, safe='')}",
             {"sort": sort, "page": page, "page_size": page_size},
             what=f"reading page {page} of run {run_id!r} of segment {segment_id!r}",
-            parse=parse_run,
+            parse=parse,
             on_not_found=expired,
         )
 
@@ -336,20 +348,20 @@ class ActiveCampaignClient:
         """
         first = first_page if first_page is not None else self.get_run(segment_id, run_id, sort=sort)
         layout = _Layout.of(segment_id, run_id, first)
-        yield layout.accept(first, 1)
+        yield layout.accept(first, None, number=1)
         with ThreadPoolExecutor(self.max_concurrent_requests, thread_name_prefix="matchall-page") as pool:
-            pending: deque[tuple[int, Future[MatchAllRun]]] = deque()
+            pending: deque[tuple[int, Future[tuple[MatchAllRun, ContactIds | None]]]] = deque()
             next_page = 2
             try:
                 while next_page <= layout.last_page or pending:
                     while next_page <= layout.last_page and len(pending) < 2 * self.max_concurrent_requests:
                         future = pool.submit(
-                            self.get_run, segment_id, run_id, sort=sort, page=next_page, page_size=layout.per_page
+                            self._get_page, segment_id, run_id, sort=sort, page=next_page, page_size=layout.per_page
                         )
                         pending.append((next_page, future))
                         next_page += 1
                     number, future = pending.popleft()
-                    yield layout.accept(future.result(), number)
+                    yield layout.accept(*future.result(), number=number)
             finally:
                 for _, future in pending:
                     future.cancel()
@@ -358,7 +370,8 @@ class ActiveCampaignClient:
             # small, and then nothing else contradicts it: the page after the last must be empty
             # and tell the same total (the API's paginator answers pages past the end so).
             beyond = layout.last_page + 1
-            layout.accept(self.get_run(segment_id, run_id, sort=sort, page=beyond, page_size=layout.per_page), beyond)
+            after_last = self._get_page(segment_id, run_id, sort=sort, page=beyond, page_size=layout.per_page)
+            layout.accept(*after_last, number=beyond)
 
     def fetch_matches(
         self,
@@ -616,7 +629,8 @@ class _Layout:
             )
         return cls(segment_id, run_id, page.total, page.per_page, expected_last)
 
-    def accept(self, run: MatchAllRun, number: int) -> MatchPage:
+    def accept(self, run: MatchAllRun, ids: ContactIds | None, *, number: int) -> MatchPage:
+        """Check one page against the first; `ids` are the page's (else taken from `run.matches`)."""
         where = f"Page {number} of run {self.run_id!r} of segment {self.segment_id!r}"
         if run.has_failed:
             raise _run_failed(self.segment_id, run)
@@ -629,7 +643,9 @@ class _Layout:
             raise InconsistentResultError(
                 f"{where} does not belong to that run: it names run {run.run_id!r} of segment {run.segment_id!r}."
             )
-        if run.page is None or run.matches is None:
+        if ids is None and run.matches is not None:
+            ids = np.fromiter(run.matches, dtype=np.int64, count=len(run.matches))
+        if run.page is None or ids is None:
             raise InconsistentResultError(f"{where} lacks its paging or its ids.")
         page = run.page
         expected = min(self.per_page, self.total - (number - 1) * self.per_page) if self.total else 0

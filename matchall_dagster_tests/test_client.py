@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import httpx
@@ -21,7 +22,7 @@ from matchall_dagster import (
     SegmentNotFoundError,
     UnexpectedResponseError,
 )
-from matchall_dagster.simulator import Faults, SimulatorServer
+from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimulatorServer
 from matchall_dagster_tests.conftest import PAGING_SIZES, UUID_SEGMENT, ServeSimulator, SleepRecorder
 
 MakeClient = Callable[..., ActiveCampaignClient]
@@ -277,3 +278,24 @@ def test_requests_reuse_one_connection(server: SimulatorServer, make_client: Mak
             stream = response.extensions["network_stream"]
             ports.add(stream.get_extra_info("client_addr")[1])
     assert len(ports) == 1
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_pages_read_the_same_whether_compact_or_spaced(server: SimulatorServer, indent: int | None) -> None:
+    """Compact pages take the parser's fast path, spaced ones the full parser: one answer either way."""
+    upstream = httpx.Client(base_url=server.url)
+
+    def reformat(request: httpx.Request) -> httpx.Response:
+        answer = upstream.get(request.url.raw_path.decode(), headers={"Api-Token": request.headers["Api-Token"]})
+        separators = (",", ":") if indent is None else (", ", ": ")
+        body = json.dumps(answer.json(), indent=indent, separators=separators).encode()
+        return httpx.Response(answer.status_code, content=body, headers={"Content-Type": "application/json"})
+
+    with (
+        upstream,
+        ActiveCampaignClient(
+            "https://acct.api-us1.com", DEFAULT_TOKEN, page_size=4_999, transport=httpx.MockTransport(reformat)
+        ) as client,
+    ):
+        ids = fetch(client, "25001", sort="-email")
+    assert ids == server.simulator.truth("25001", "-email")

@@ -6,12 +6,13 @@ import contextlib
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matchall_dagster import InvalidResponseError, RunState
-from matchall_dagster.models import parse_error_details, parse_run, parse_segments
+from matchall_dagster.models import _parse_page_fast, parse_error_details, parse_page, parse_run, parse_segments
 
 RUNNING = {
     "run_id": "744390a5-208e-4c3d-b709-b3c3ea6e5948",
@@ -142,3 +143,108 @@ def test_fuzz_the_parsers_raise_only_their_own_error(data: bytes) -> None:
             assert all(isinstance(i, int) and 1 <= i < 2**63 for i in run.matches or [])
             assert run.page is None or run.page.total >= 0
     parse_error_details(data)  # never raises
+
+
+# -- parse_page: the ids straight from the bytes, exactly as parse_run reads them -------------------
+
+_ODD_IDS = st.sampled_from(
+    [0, -1, 2**63 - 1, 2**63, 2**64, 10**18 - 1, 10**18, True, False, 1.0, 1.5, "7", None, [1], {"a": 1}]
+)
+_EDIT_CHARS = st.sampled_from(list('0123456789,[]":{} \\ue-.'))
+
+
+def _page_outcome(data: bytes) -> object:
+    try:
+        run, ids = parse_page(data)
+    except InvalidResponseError:
+        return "invalid"
+    assert ids is None or ids.dtype == np.int64
+    return run, None if ids is None else ids.tolist()
+
+
+def _run_outcome(data: bytes) -> object:
+    try:
+        run = parse_run(data)
+    except InvalidResponseError:
+        return "invalid"
+    return run.model_copy(update={"matches": None}), run.matches
+
+
+@st.composite
+def _page_bodies(draw: st.DrawFn) -> bytes:
+    """Pages as the API sends them, then bent: odd ids, a misplaced or escaped `matches` key, a second
+    data item, spaces, and a few raw edits of the text (deleted, inserted or replaced characters)."""
+    attributes: dict[str, Any] = json.loads(json.dumps(READY))
+    matches: list[Any] = draw(st.lists(st.integers(1, 2**63 - 1) | st.integers(1, 10**7), max_size=40))
+    for _ in range(draw(st.integers(0, 2))):
+        matches.insert(draw(st.integers(0, len(matches))), draw(_ODD_IDS))
+    attributes["matches"] = matches
+    envelope: dict[str, Any] = {"data": [{"id": "x-1", "type": "matchAll", "attributes": attributes}]}
+    shape = draw(st.integers(0, 5))
+    if shape == 1:
+        attributes["page"]["matches"] = attributes.pop("matches")  # the only `matches` is the wrong one
+    elif shape == 2:
+        envelope["data"].append({"attributes": {**attributes, "matches": [5, 6]}})
+    elif shape == 3:
+        del attributes["matches"]
+    compact = draw(st.booleans())
+    text = json.dumps(envelope, separators=(",", ":") if compact else (", ", ": "))
+    if shape == 4:  # the same key spelled with an escape: JSON's last duplicate wins
+        text = text.replace('"matches"', '"matche\\u0073":[9],"matches"', 1)
+    for _ in range(draw(st.integers(0, 3))):
+        position = draw(st.integers(0, len(text)))
+        edit = draw(st.sampled_from(["insert", "delete", "replace"]))
+        char = draw(_EDIT_CHARS)
+        if edit == "insert":
+            text = text[:position] + char + text[position:]
+        else:
+            text = text[:position] + (char if edit == "replace" else "") + text[position + 1 :]
+    return text.encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(_page_bodies())
+def test_parse_page_reads_every_body_exactly_as_parse_run(data: bytes) -> None:
+    assert _page_outcome(data) == _run_outcome(data)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"data":[{"attributes":{"run_id":"r","run_id_start":"2020-04-12T23:20:50Z","is_ready":true,'
+        b'"segment_id":"1","matches":[1,2,3],"matche\\u0073":[4]}}]}',
+        b'{"data":[{"attributes":{"run_id":"r","run_id_start":"2020-04-12T23:20:50Z","is_ready":true,'
+        b'"segment_id":"1","matche\\u0073":[4],"matches":[1,2,3]}}]}',
+        b'{"data":[{"attributes":{"run_id":"r","run_id_start":"2020-04-12T23:20:50Z","is_ready":true,'
+        b'"segment_id":"1","matches":[1,2,3]}},{"attributes":{"matches":[4]}}]}',
+        b'{"data":[{"attributes":{"run_id":"r","run_id_start":"2020-04-12T23:20:50Z","is_ready":true,'
+        b'"segment_id":"1","page":{"current_page":1,"last_page":1,"per_page":5,"total":3,"matches":[1]}}}]}',
+        body({**READY, "matches": [1, 9223372036854775807, 2]}),
+        body({**READY, "matches": [1, 9223372036854775808]}),
+        body({**READY, "matches": [1, 0, 2]}),
+        body({**READY, "matches": []}),
+        body({**READY, "segment_id": 'a"matches":[1]'}),
+        body(READY).replace(b"2345", b"02345"),
+        body(READY).replace(b"2345, ", b"2345,,"),
+    ],
+)
+def test_parse_page_agrees_with_parse_run_on_hostile_shapes(raw: bytes) -> None:
+    assert _page_outcome(raw) == _run_outcome(raw)
+
+
+def test_parse_page_rejects_every_truncation() -> None:
+    whole = body(READY).replace(b", ", b",").replace(b": ", b":")
+    for cut in range(len(whole) - 1):
+        with pytest.raises(InvalidResponseError):
+            parse_page(whole[:cut])
+
+
+def test_compact_pages_take_the_fast_path() -> None:
+    """The simulator's (and the API's) compact pages skip the list of Python ints."""
+    compact = json.dumps(
+        {"data": [{"id": "x-1", "type": "matchAll", "attributes": READY}]}, separators=(",", ":")
+    ).encode()
+    fast = _parse_page_fast(compact)
+    assert fast is not None
+    assert fast[1].tolist() == READY["matches"]
+    assert _parse_page_fast(body(READY)) is None  # spaces after commas: the full parser reads it

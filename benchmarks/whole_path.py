@@ -1,0 +1,111 @@
+"""The whole path: a Dagster run of `segment_matches` for one partition into a real DuckDB file.
+
+`python -m benchmarks.whole_path --segment ID --run-id RUN --db FILE` (with DAGSTER_HOME, the
+simulator's ACTIVECAMPAIGN_API_URL/KEY and MATCHALL_BENCH_RPS in the environment) launches what
+the readiness sensor launches: the asset and its checks for the partition, with the run id, on
+Dagster's default multiprocess executor (the step runs in a subprocess of its own, as under
+`dagster dev`), through the project's definitions and IO manager. Only the activecampaign
+resource's requests_per_second differs: the benchmark's, since the project gives runs 4 of the
+account's 5 requests/s and keeps 1 for its sensors. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import dagster as dg
+
+from matchall_dagster.assets import segment_matches
+from matchall_dagster.definitions import build_definitions
+from matchall_dagster.partitions import segments_partitions
+from matchall_dagster.resource import ActiveCampaignResource
+
+RPS_VARIABLE = "MATCHALL_BENCH_RPS"
+DB_VARIABLE = "MATCHALL_BENCH_DB"
+JOB = "bench_segment_matches"
+
+
+def bench_definitions() -> dg.Definitions:
+    project = build_definitions(duckdb_database=os.environ[DB_VARIABLE])
+    return dg.Definitions(
+        assets=project.assets,
+        asset_checks=project.asset_checks,
+        jobs=[dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(segment_matches))],
+        resources={
+            **(project.resources or {}),
+            "activecampaign": ActiveCampaignResource(
+                api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
+                api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
+                requests_per_second=float(os.environ[RPS_VARIABLE]),
+            ),
+        },
+    )
+
+
+def bench_job() -> dg.JobDefinition:
+    """Rebuilt in the step subprocess from this module (a reconstructable job)."""
+    return bench_definitions().resolve_job_def(JOB)
+
+
+def step_timeline(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict[str, float]]:
+    """Each step's start (seconds after the run started) and duration: where Dagster's time goes."""
+    started: dict[str, float] = {}
+    timeline: dict[str, dict[str, float]] = {}
+    run_start = None
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type is dg.DagsterEventType.RUN_START:
+            run_start = entry.timestamp
+        elif event.event_type is dg.DagsterEventType.STEP_START and event.step_key:
+            started[event.step_key] = entry.timestamp
+        elif event.is_step_success or event.is_step_failure:
+            key = event.step_key or "?"
+            begin = started.get(key, entry.timestamp)
+            timeline[key] = {
+                "start_s": round(begin - (run_start or begin), 3),
+                "duration_s": round(entry.timestamp - begin, 3),
+            }
+    return timeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--segment", required=True)
+    parser.add_argument("--run-id", required=True)
+    args = parser.parse_args(argv)
+    cpu, wall = time.process_time(), time.monotonic()
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(str(segments_partitions.name), [args.segment])
+        result = dg.execute_job(
+            dg.reconstructable(bench_job),
+            instance=instance,
+            run_config={"ops": {"segment_matches": {"config": {"run_id": args.run_id, "sort": "id"}}}},
+            tags={"dagster/partition": args.segment},
+        )
+        work_wall = time.monotonic() - wall
+        figures: dict[str, Any] = {"success": result.success}
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key == segment_matches.key:
+                metadata = materialization.metadata
+                for name in ("dagster/row_count", "requests", "pages_read", "elapsed_seconds"):
+                    if name in metadata:
+                        figures[name] = metadata[name].value
+        figures["steps"] = step_timeline(instance, result.run_id)
+        figures["checks"] = {
+            event.asset_check_evaluation_data.check_name: event.asset_check_evaluation_data.passed
+            for event in result.all_events
+            if event.event_type is dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        }
+    figures.update(ids=figures.get("dagster/row_count", 0), work_wall_s=work_wall, run_cpu_s=time.process_time() - cpu)
+    print(json.dumps(figures, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
