@@ -28,6 +28,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -220,10 +221,17 @@ def simulated_day(count: int, seed: int, max_ticks: int) -> dict[str, Any]:
                 day.cursor_dump.append(dump)
                 production = wall + sent / rate  # its requests 1/rate apart instead of unpaused
                 day.production.append(production)
-                kicked_off = started == count and now - began - count / KICKOFF_RATE > readiness.FIRST_POLL_DELAY
+                kicked_off = started == count
                 idle = not data.run_requests and not data.asset_events and sent == 0
                 if kicked_off and idle and not readiness.ReadinessCursor.load(cursor, LOG).waiting:
                     break
+                if len(day.ticks) % 50 == 0:
+                    print(
+                        f"tick {len(day.ticks)}: {(now - began) / 3600:.2f} h simulated, {started} started, "
+                        f"{len(day.requested)} requested",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 clock.advance(max(MIN_INTERVAL, production) - wall)
         finally:
             ActiveCampaignClient.poll_run = real_poll  # type: ignore[method-assign]
@@ -248,12 +256,12 @@ def summarize(
         if run_id in day.requested:
             delays.append(day.requested[run_id] - run.ready_at)
             delay_ticks.append(ticks_between(day.ticks, run.ready_at, day.requested[run_id]))
-    # Each poll's wait: from when the run was due (FIRST_POLL_DELAY after its start, then the
-    # backoff after its previous poll) to the poll, in ticks that passed it by.
+    # Each poll's wait: from when the run was due (its start, then the backoff after its previous
+    # poll) to the poll, in ticks that passed it by.
     waits = []
     for run_id, moments in day.polls.items():
         started = runs[run_id].started_at if run_id in runs else nominal.get(run_id, moments[0])
-        due = started + readiness.FIRST_POLL_DELAY
+        due = started  # a new record is due at once
         for moment in moments:
             waits.append(ticks_between(day.ticks, math.ceil(due), moment))
             due = math.ceil(moment + readiness.poll_delay(moment - started))

@@ -140,7 +140,7 @@ class ReadinessCursor:
     """What the event log cannot tell the next tick.
 
     `after`: the pending-run records up to this event-log id have been taken (polled or passed
-    over); later ones are new, due FIRST_POLL_DELAY after their start. `waiting`: for each run
+    over); later ones are new, due from their start. `waiting`: for each run
     polled at least once and still pending, by its record's id, (next poll time, polls so far).
     """
 
@@ -335,7 +335,7 @@ def _pending_run(record: dg.EventLogRecord, now: float, log: logging.Logger) -> 
         storage_id=record.storage_id,
         attempt=recorded.attempt,
         kickoff=recorded.kickoff,
-        next_poll_at=min(started, now) + FIRST_POLL_DELAY,
+        next_poll_at=min(started, now),  # due once recorded: by the time a tick reads it, seconds have passed
     )
 
 

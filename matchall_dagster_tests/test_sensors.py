@@ -225,7 +225,7 @@ def simulate(
         ticks += 1
         now = ticks * tick_seconds
         after = -1 if cursor.after is None else cursor.after
-        new = [Due(started[i] + FIRST_POLL_DELAY, i, True) for i in range(after + 1, runs) if started[i] <= now]
+        new = [Due(started[i], i, True) for i in range(after + 1, runs) if started[i] <= now]
         waiting = [Due(at, i, False) for i, (at, _) in cursor.waiting.items()]
         everything_due = plan(waiting, new, now, budget=runs)
         for rank, item in enumerate(everything_due):
