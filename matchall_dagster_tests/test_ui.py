@@ -1,0 +1,279 @@
+"""The Dagster UI as an analyst uses it, in a real browser (Debian's Chromium) on the production
+stack: the asset graph, the partitions of `segment_matches`, the failed check of the failing
+segment with its run id, and a materialization launched by hand from the launchpad with a sort
+of the analyst's choosing, whose rows are then read from DuckDB.
+
+What the browser must show is read from the instance first, so the assertions compare the UI
+with the truth rather than with remembered strings. Screenshots go to test-artifacts/ui/.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+from playwright.sync_api import expect
+
+from matchall_dagster.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_FAILED
+from matchall_dagster.partitions import segments_partitions
+from matchall_dagster.storage import TABLE
+from matchall_dagster_tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, UI, automation_paused, open_ui, require_chromium
+from matchall_dagster_tests.deployment import ARTIFACTS, Deployment
+
+UI_ARTIFACTS = ARTIFACTS / "ui"
+CHOSEN_SORT = "-id"  # descending contact id: easy to verify, and not the sensor's default
+OUTCOME_TIMEOUT = 300.0
+RUN_TIMEOUT = 300.0
+RUN_ID_TAG = "matchall/run_id"  # the remote (ActiveCampaign) run a Dagster run was launched for
+RUN_URL = re.compile(r"/runs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> None:
+    """Before the stack starts: no point starting it without a browser."""
+    require_chromium()
+
+
+def _check_history(instance: dg.DagsterInstance, check_name: str) -> list[Any]:
+    """The check's executions, newest first."""
+    return list(
+        instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(ASSET_KEY, check_name), limit=500)
+    )
+
+
+def _latest_check_status(instance: dg.DagsterInstance, check_name: str) -> dict[str, str]:
+    """partition -> status of its newest completed execution."""
+    latest: dict[str, str] = {}
+    for record in _check_history(instance, check_name):
+        if record.partition is not None and record.status.value != "PLANNED":
+            latest.setdefault(record.partition, record.status.value)
+    return latest
+
+
+def _latest_materialization(instance: dg.DagsterInstance, segment_id: str) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[segment_id]), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def _metadata(record: dg.EventLogRecord) -> dict[str, Any]:
+    assert record.asset_materialization is not None
+    return {key: value.value for key, value in record.asset_materialization.metadata.items()}
+
+
+def _outcome_shown(instance: dg.DagsterInstance, deployment: Deployment) -> bool:
+    """What the analyst comes to see exists: every ready segment materialized and complete, and
+    the failing segment's run_not_failed failed."""
+    complete = _latest_check_status(instance, MATCHES_COMPLETE)
+    if not all(complete.get(segment) == "SUCCEEDED" for segment in deployment.ready_segments):
+        return False
+    return _latest_check_status(instance, RUN_NOT_FAILED).get(deployment.failing_segment) == "FAILED"
+
+
+def _stored_members(deployment: Deployment, segment_id: str) -> list[int]:
+    """The partition's contact ids in position order; retried while a run holds the file."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with duckdb.connect(str(deployment.duckdb_path), read_only=True) as connection:
+                rows = connection.execute(
+                    f"select contact_id from main.{TABLE} where segment_id = ? order by position", [segment_id]
+                ).fetchall()
+            return [int(contact_id) for (contact_id,) in rows]
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _show_asset_graph(ui: UI, partitions: list[str]) -> None:
+    page = ui.page
+    with ui.step("the global asset graph shows segment_matches with its checks and partitions"):
+        ui.goto("/asset-groups")
+        expect(page.get_by_text("Global asset lineage")).to_be_visible()
+        node = page.get_by_text("segment_matches", exact=True).filter(visible=True).last
+        expect(node).to_be_visible()
+        expect(page.get_by_text("Asset checks").first).to_be_visible()
+        expect(page.get_by_text(f"{len(partitions)} partitions", exact=True)).to_be_visible()
+        ui.shot("01-asset-graph")
+
+
+def _show_partitions(ui: UI, partitions: list[str], materialized: set[str], segment_id: str, run_id: str) -> None:
+    """`run_id` is the Dagster run of the partition's latest materialization. (The metadata panel
+    shows each entry's newest value, which for run_id is often the next kick-off's pending run.)"""
+    page = ui.page
+    with ui.step("the partitions view lists every segment and counts the materialized ones"):
+        ui.goto("/assets/segment_matches?view=partitions")
+        expect(page.get_by_text(f"Materialized ({len(materialized)})", exact=True)).to_be_visible()
+        expect(page.get_by_text(f"Missing ({len(set(partitions) - materialized)})", exact=True)).to_be_visible()
+        for key in partitions:
+            expect(page.get_by_text(key, exact=True).filter(visible=True).first).to_be_visible()
+    with ui.step(f"partition {segment_id} shows its latest materialization and the run that made it"):
+        page.get_by_text(segment_id, exact=True).filter(visible=True).first.click()
+        expect(page).to_have_url(re.compile(f"partition={segment_id}"))
+        expect(page.get_by_text("Materialized", exact=True)).to_be_visible()
+        expect(page.get_by_text("Latest materialization")).to_be_visible()
+        expect(page.locator(f'a[href^="/runs/{run_id}"]', has_text=run_id[:8]).first).to_be_visible()
+        expect(page.get_by_text("dagster/row_count", exact=True)).to_be_visible()
+        ui.shot("02-partitions")
+
+
+def _show_failed_check(ui: UI, failing_segment: str, dagster_run_id: str, remote_run_id: str, failed: int) -> None:
+    page = ui.page
+    with ui.step(f"run_not_failed shows Failed on partition {failing_segment} with run {remote_run_id}"):
+        page.get_by_role("link", name="Checks", exact=True).click()
+        page.get_by_text(RUN_NOT_FAILED, exact=True).filter(visible=True).first.click()
+        expect(page).to_have_url(re.compile(f"checkDetail={RUN_NOT_FAILED}"))
+        page.get_by_role("tab", name="Execution history").click()
+        row = page.get_by_role("row").filter(has_text=remote_run_id)
+        expect(row).to_have_count(1)
+        expect(row.get_by_text("Failed", exact=True)).to_be_visible()
+        expect(row.get_by_role("cell", name=failing_segment, exact=True)).to_be_visible()
+        # The row's timestamp opens the Dagster run that judged the remote run.
+        expect(row.get_by_role("link").first).to_have_attribute("href", re.compile(f"^/runs/{dagster_run_id}"))
+        row.scroll_into_view_if_needed()
+        ui.shot("03-check-run-not-failed")
+    with ui.step("run_not_failed's partitions count the failed ones"):
+        page.get_by_role("tab", name="Partitions").last.click()
+        expect(page.get_by_text(f"Failed ({failed})", exact=True)).to_be_visible()
+        ui.shot("04-check-partitions")
+
+
+def _launch_with_sort(ui: UI, segment_id: str, sort: str) -> str:
+    """Assets > segment_matches > Materialize > Open launchpad, pick the partition, edit the sort
+    in the run config, Materialize. Returns the Dagster run id the UI opened."""
+    page = ui.page
+    with ui.step("the launchpad opens for segment_matches"):
+        ui.goto("/assets/segment_matches?view=partitions")
+        materialize = page.get_by_role("button", name="Materialize…")
+        expect(materialize).to_be_enabled()
+        # The arrow beside "Materialize…" holds the other ways to launch.
+        materialize.locator("xpath=following::button[1]").click()
+        page.get_by_role("menuitem", name="Open launchpad").click()
+        dialog = page.get_by_role("dialog")
+        expect(dialog.get_by_text("Launchpad (configure assets)")).to_be_visible()
+        editor = dialog.locator(".CodeMirror")
+        expect(editor.locator(".CodeMirror-line").filter(has_text="segment_matches").first).to_be_visible()
+    with ui.step(f"partition {segment_id} is chosen in the launchpad"):
+        dialog.get_by_placeholder("Partition").fill(segment_id)
+        page.get_by_role("menuitem", name=segment_id, exact=True).click()
+        expect(dialog.get_by_placeholder("Partition")).to_have_value(segment_id)
+        # Choosing a partition reloads the config for it; edit only what that reload produced.
+        expect(editor.locator(".CodeMirror-line").filter(has_text=re.compile(r"^\s*sort: '")).first).to_be_visible()
+    with ui.step(f"the sort of segment_matches is set to {sort!r} in the run config"):
+        line = editor.locator(".CodeMirror-line").filter(has_text=re.compile(r"^\s*sort:")).first
+        old_value = line.inner_text().split("sort:", 1)[1].strip()
+        line.click()
+        page.keyboard.press("End")
+        for _ in old_value:
+            page.keyboard.press("Backspace")
+        page.keyboard.type(f"'{sort}'")
+        config = yaml.safe_load(editor.evaluate("element => element.CodeMirror.getValue()"))
+        assert config["ops"]["segment_matches"]["config"]["sort"] == sort, config["ops"]
+        expect(dialog.get_by_text("No errors")).to_be_visible()
+        ui.shot("05-launchpad")
+    with ui.step("Materialize launches a run and opens its page"):
+        launch = dialog.get_by_role("button", name="Materialize", exact=True)
+        expect(launch).to_be_enabled()
+        launch.click()
+        page.wait_for_url(RUN_URL)
+        match = RUN_URL.search(page.url)
+        assert match is not None
+        return match.group(1)
+
+
+@pytest.mark.timeout(900)  # the stack's start, its first outcome, a drained queue and a run, on 2 shared cores
+def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
+    chromium: None, deployment: Deployment
+) -> None:
+    started = time.monotonic()
+    with deployment.instance() as instance:
+        deployment.wait_for(
+            lambda: _outcome_shown(instance, deployment),
+            timeout=OUTCOME_TIMEOUT,
+            what="every ready segment materialized and complete, and the failing segment's run_not_failed failed",
+        )
+    outcome_at = time.monotonic()
+
+    with automation_paused(deployment), deployment.instance() as instance:
+        paused_at = time.monotonic()
+        assert segments_partitions.name is not None
+        partitions = sorted(instance.get_dynamic_partitions(segments_partitions.name))
+        materialized = instance.get_materialized_partitions(ASSET_KEY)
+        assert set(deployment.ready_segments) <= materialized
+        assert deployment.failing_segment not in materialized
+        # The largest ready segment: its order says the most about the sort.
+        latest: dict[str, dict[str, Any]] = {}
+        for segment in deployment.ready_segments:
+            record = _latest_materialization(instance, segment)
+            assert record is not None
+            latest[segment] = _metadata(record)
+        chosen = max(latest, key=lambda segment: int(latest[segment]["dagster/row_count"]))
+        chosen_record = _latest_materialization(instance, chosen)
+        assert chosen_record is not None
+        failed_record = next(
+            r
+            for r in _check_history(instance, RUN_NOT_FAILED)
+            if r.partition == deployment.failing_segment and r.status.value == "FAILED"
+        )
+        check_run = instance.get_run_by_id(failed_record.run_id)
+        assert check_run is not None
+        remote_run_id = check_run.tags[RUN_ID_TAG]
+        failed_partitions = sum(s == "FAILED" for s in _latest_check_status(instance, RUN_NOT_FAILED).values())
+
+        with open_ui(deployment.webserver_url, UI_ARTIFACTS) as ui:
+            _show_asset_graph(ui, partitions)
+            _show_partitions(ui, partitions, materialized, chosen, chosen_record.run_id)
+            _show_failed_check(ui, deployment.failing_segment, failed_record.run_id, remote_run_id, failed_partitions)
+            run_id = _launch_with_sort(ui, chosen, CHOSEN_SORT)
+            launched_at = time.monotonic()
+
+            def finished() -> bool:
+                run = instance.get_run_by_id(run_id)
+                return run is not None and run.is_finished
+
+            deployment.wait_for(finished, timeout=RUN_TIMEOUT, what=f"the run {run_id} launched from the UI to finish")
+            run = instance.get_run_by_id(run_id)
+            assert run is not None
+            assert run.status == dg.DagsterRunStatus.SUCCESS, (
+                f"the run launched from the UI ended {run.status.value}; see {ui.base_url}/runs/{run_id}"
+            )
+            with ui.step("the run page shows the run succeeded"):
+                expect(ui.page.get_by_text("Success", exact=True).first).to_be_visible()
+                expect(ui.page.get_by_text(f"partition: {chosen}")).to_be_visible()
+                ui.shot("06-run-succeeded")
+            screenshots = list(ui.screenshots)
+        run_done_at = time.monotonic()
+
+        # What the launchpad sent, and what the run made of it.
+        assert run.tags.get("dagster/partition") == chosen
+        ops: Any = run.run_config["ops"]
+        assert ops["segment_matches"]["config"]["sort"] == CHOSEN_SORT
+        record = _latest_materialization(instance, chosen)
+        assert record is not None
+        assert record.run_id == run_id
+        metadata = _metadata(record)
+        assert metadata["sort"] == CHOSEN_SORT
+        members = _stored_members(deployment, chosen)
+
+    # Nothing else wrote the partition meanwhile (the automation was paused), so DuckDB holds
+    # this run's rows: the simulator's exact list for the chosen sort, in descending id order.
+    assert len(members) == metadata["dagster/row_count"] > 1
+    assert all(a > b for a, b in itertools.pairwise(members)), "rows are not in descending id order"
+    assert members == deployment.simulator.truth(chosen, CHOSEN_SORT)
+
+    print(
+        f"\nUI in Chromium ({' '.join(CHROMIUM_ARGS)}; timeout {TIMEOUT_MS / 1000:.0f} s a step): "
+        f"outcome after {outcome_at - started:.0f} s, automation paused and queue drained in "
+        f"{paused_at - outcome_at:.0f} s, browser pages {launched_at - paused_at:.0f} s, launched run "
+        f"{run_id} (partition {chosen}, sort {CHOSEN_SORT}, {len(members):,} rows) done in "
+        f"{run_done_at - launched_at:.0f} s; total {time.monotonic() - started:.0f} s\nscreenshots:\n"
+        + "\n".join(f"  {path}" for path in screenshots)
+    )
