@@ -61,7 +61,8 @@ MAX_POLL_DELAY = 600.0
 UNAVAILABLE_STOPS_TICK = 3  # consecutive 429/5xx/network failures: the API is struggling, stop for now
 MAX_ATTEMPTS_VARIABLE = "MATCHALL_MAX_RUN_ATTEMPTS"
 DEFAULT_MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
-OBSERVATION_PAGE = 256
+OBSERVATION_PAGE = 2_000  # records read at most per query
+NEW_RECORDS_SECONDS = 4.0  # at most this long reading new records a tick (a long history takes several)
 CURSOR_VERSION = 2
 
 # The wall clock of the polling schedule. A benchmark replaces it to run hours of ticks in minutes.
@@ -339,38 +340,42 @@ def _pending_run(record: dg.EventLogRecord, now: float, log: logging.Logger) -> 
     )
 
 
-def _observations(instance: dg.DagsterInstance, records_filter: dg.AssetRecordsFilter) -> list[dg.EventLogRecord]:
-    found: list[dg.EventLogRecord] = []
-    cursor = None
-    while True:
-        result = instance.fetch_observations(records_filter, limit=OBSERVATION_PAGE, cursor=cursor, ascending=True)
-        found.extend(result.records)
-        cursor = result.cursor
-        if not result.has_more:
-            return found
-
-
 def _new_pending(
-    instance: dg.DagsterInstance, after: int | None, budget: int, now: float, log: logging.Logger
-) -> tuple[list[PendingRun], int | None]:
-    """The first `budget` pending runs recorded after `after`, and the id of the last record read
-    (so that records of other kinds before them can be passed over)."""
+    instance: dg.DagsterInstance, after: int | None, budget: int, now: float, log: logging.Logger, *, until: float
+) -> tuple[list[PendingRun], int | None, int]:
+    """The first `budget` pending runs recorded after `after` that no newer record of their segment
+    replaces; the id of the last record read; how many were passed over as replaced.
+
+    Pages grow from twice the budget, so that a tick reads little when the sensor keeps up and
+    gets through a long history (a cursor reset) quickly; reading stops at `until` (monotonic).
+    """
     runs: list[PendingRun] = []
     last = after
-    for _ in range(16):  # bounded: other observations are rare (none are written today)
+    replaced = 0
+    size = 2 * budget
+    while True:
         page = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_storage_id=last), limit=OBSERVATION_PAGE, ascending=True
+            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_storage_id=last), limit=size, ascending=True
         )
-        for record in page.records:
-            run = _pending_run(record, now, log)
+        parsed = [(record, _pending_run(record, now, log)) for record in page.records]
+        oldest: dict[str, int] = {}
+        for record, run in parsed:
             if run is not None:
-                runs.append(run)
-                if len(runs) == budget:
-                    return runs, record.storage_id
+                oldest.setdefault(run.segment_id, record.storage_id)
+        newer = _newer_pending(instance, oldest, now)
+        for record, run in parsed:
             last = record.storage_id
-        if not page.has_more:
-            break
-    return runs, last
+            if run is None:
+                continue
+            if newer.get(run.segment_id, run.storage_id) > run.storage_id:
+                replaced += 1
+                continue
+            runs.append(run)
+            if len(runs) == budget:
+                return runs, last, replaced
+        if not page.has_more or time.monotonic() >= until:
+            return runs, last, replaced
+        size = min(2 * size, OBSERVATION_PAGE)
 
 
 @dataclass
@@ -414,7 +419,9 @@ def match_all_readiness_sensor(
     report = TickReport()
     budget = REQUESTS_PER_TICK
 
-    fresh, scanned_to = _new_pending(instance, cursor.after, budget, now, context.log)
+    fresh, scanned_to, report.superseded = _new_pending(
+        instance, cursor.after, budget, now, context.log, until=started + NEW_RECORDS_SECONDS
+    )
     by_id = {run.storage_id: run for run in fresh}
     chosen = plan(
         (Due(due_at, storage_id, False) for storage_id, (due_at, _) in cursor.waiting.items()),
@@ -433,9 +440,10 @@ def match_all_readiness_sensor(
                 due_at, polls = cursor.waiting[record.storage_id]
                 by_id[record.storage_id] = replace(run, polls=polls, next_poll_at=due_at)
     # A segment with a newer pending run drops the older one: never materialize stale members last.
+    # (New records were sifted as they were read.)
     candidates: dict[str, int] = {}
     for item in chosen:
-        if item.storage_id in by_id:
+        if not item.fresh and item.storage_id in by_id:
             segment_id = by_id[item.storage_id].segment_id
             candidates[segment_id] = min(item.storage_id, candidates.get(segment_id, item.storage_id))
     newer = _newer_pending(instance, candidates, now)

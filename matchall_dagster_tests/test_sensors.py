@@ -376,6 +376,25 @@ def test_a_newer_run_of_a_segment_replaces_the_older_one(
     assert cursor_of(data).waiting == {}
 
 
+def test_a_long_history_of_replaced_runs_costs_no_request(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+) -> None:
+    """As after a lost cursor: every record is read again, only the newest of a segment is polled."""
+    for _ in range(REQUESTS_PER_TICK * 3):  # more old records than a tick's budget
+        record_pending(instance, server, "99")
+    latest = record_pending(instance, server, "99", "1")
+    server.simulator.reset_stats()
+    data = tick(instance, defs, READINESS)
+    assert server.simulator.stats()["requests"] == 2
+    assert [request.run_key for request in data.run_requests] == [f"1/{latest['1']}"]
+    (waiting,) = cursor_of(data).waiting  # the newest run of 99
+    assert cursor_of(data).after is not None
+    assert cursor_of(data).after >= waiting
+    again = tick(instance, defs, READINESS, data.cursor)
+    assert not again.run_requests
+    assert server.simulator.stats()["requests"] == 2
+
+
 def test_a_failed_run_is_recorded_on_its_partition_and_started_again(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
 ) -> None:
@@ -509,7 +528,8 @@ def test_a_tick_sends_at_most_its_budget_oldest_due_first(
     assert len(after.waiting) == count  # every run now polled once at least: none waited two ticks
     repolled = [storage_id for storage_id, (_, polls) in after.waiting.items() if polls == 2]
     assert len(repolled) == REQUESTS_PER_TICK - (count - REQUESTS_PER_TICK)
-    assert sorted(repolled) == sorted(state.waiting)[: len(repolled)]  # the oldest due of those
+    by_due = sorted(state.waiting, key=lambda storage_id: (state.waiting[storage_id][0], storage_id))
+    assert sorted(repolled) == sorted(by_due[: len(repolled)])  # the oldest due of those
 
 
 def test_the_requested_check_runs_record_the_verdict_on_the_partition(
