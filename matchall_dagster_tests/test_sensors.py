@@ -388,8 +388,9 @@ def test_a_long_history_of_replaced_runs_costs_no_request(
     assert server.simulator.stats()["requests"] == 2
     assert [request.run_key for request in data.run_requests] == [f"1/{latest['1']}"]
     (waiting,) = cursor_of(data).waiting  # the newest run of 99
-    assert cursor_of(data).after is not None
-    assert cursor_of(data).after >= waiting
+    after = cursor_of(data).after
+    assert after is not None
+    assert after >= waiting
     again = tick(instance, defs, READINESS, data.cursor)
     assert not again.run_requests
     assert server.simulator.stats()["requests"] == 2
