@@ -61,6 +61,53 @@ SECRET_WORDS = ("password", "token", "apikey", "api_key", "secretkey")
 ENV_SECRET_WORDS = ("key", "password", "token", "secret")
 
 
+# A kubeconfig that K8sRunLauncher can load outside a cluster; nothing connects to it.
+LOOPBACK_KUBECONFIG = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:9"}}],
+    "users": [{"name": "none", "user": {}}],
+    "contexts": [{"name": "none", "context": {"cluster": "none", "user": "none"}}],
+    "current-context": "none",
+}
+# Run in the image's Python: the run pod's Job as K8sRunLauncher builds it (its launch path:
+# K8sContainerContext.create_for_run, then construct_dagster_k8s_job), printed as JSON.
+RUN_POD_JOB = r"""
+import json, sys
+import kubernetes
+from dagster._config import process_config
+from dagster_k8s import K8sRunLauncher
+from dagster_k8s.container_context import K8sContainerContext
+from dagster_k8s.job import UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
+
+given = json.load(sys.stdin)
+result = process_config(K8sRunLauncher.config_type(), given["launcher"])
+assert result.success, [error.message for error in result.errors]
+config = {**result.value, "load_incluster_config": False, "kubeconfig_file": given["kubeconfig"]}
+launcher = K8sRunLauncher(**config)
+context = K8sContainerContext(
+    image_pull_policy=launcher.image_pull_policy,
+    service_account_name=launcher.service_account_name,
+    env_config_maps=launcher.env_config_maps,
+    env_secrets=launcher.env_secrets,
+    env_vars=launcher.env_vars,
+    volume_mounts=launcher.volume_mounts,
+    volumes=launcher.volumes,
+    namespace=launcher.job_namespace,
+    run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher.run_k8s_config or {}),
+).merge(K8sContainerContext.create_from_config(given["context"]))
+job = construct_dagster_k8s_job(
+    job_config=context.get_k8s_job_config(job_image=given["image"], run_launcher=launcher),
+    args=["dagster", "api", "execute_run", "{}"],
+    job_name="dagster-run-check",
+    pod_name="dagster-run-check",
+    component="run_worker",
+    user_defined_k8s_config=context.run_k8s_config,
+)
+print(json.dumps(job.to_dict(), default=str))
+"""
+
+
 def load_values() -> dict[str, Any]:
     values: dict[str, Any] = yaml.safe_load(VALUES.read_text())
     return values
@@ -552,38 +599,44 @@ def test_image_build_steps_serve_the_code_location(tmp_path: Path) -> None:
     subprocess.run([str(BUILD_SCRIPT), "--keep", str(prefix)], check=True, timeout=840)
     bin_dir = prefix / "venv" / "bin"
     values = load_values()
-    # The image's dagster-k8s validates what the chart hands it: the run launcher's config in the
-    # instance file, the location's container context, and the run pods' pod spec.
-    check = r"""
-import json, sys
-import kubernetes
-from dagster._config import process_config
-from dagster_k8s import K8sRunLauncher
-from dagster_k8s.container_context import K8sContainerContext
-from dagster_k8s.models import k8s_model_from_dict
-
-launcher, context = json.load(sys.stdin)
-result = process_config(K8sRunLauncher.config_type(), launcher)
-assert result.success, [error.message for error in result.errors]
-K8sContainerContext.create_from_config(context)
-pod_spec = {**launcher["run_k8s_config"]["pod_spec_config"], "containers": [{"name": "run"}]}
-k8s_model_from_dict(kubernetes.client.V1PodSpec, pod_spec)
-for volume in launcher["volumes"]:
-    k8s_model_from_dict(kubernetes.client.V1Volume, volume)
-for mount in launcher["volume_mounts"]:
-    k8s_model_from_dict(kubernetes.client.V1VolumeMount, mount)
-print("valid")
-"""
-    launcher = chart_instance_config(values)["run_launcher"]["config"]
+    # The image's dagster-k8s takes what the chart hands it: the run launcher's config from the
+    # instance file (its config schema), the location's container context, and builds the Job of a
+    # run pod exactly as K8sRunLauncher does.
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(LOOPBACK_KUBECONFIG))
+    image = deployment(values)["image"]
     checked = subprocess.run(
-        [str(bin_dir / "python"), "-c", check],
-        input=json.dumps([launcher, chart_container_context(values)]),
+        [str(bin_dir / "python"), "-c", RUN_POD_JOB],
+        input=json.dumps(
+            {
+                "launcher": chart_instance_config(values)["run_launcher"]["config"],
+                "context": chart_container_context(values),
+                "image": f"{image['repository']}:{image['tag']}",
+                "kubeconfig": str(tmp_path / "kubeconfig"),
+            }
+        ),
         capture_output=True,
         text=True,
         check=False,
         cwd=tmp_path,
     )
     assert checked.returncode == 0, checked.stderr
-    assert checked.stdout.strip() == "valid"
+    pod = json.loads(checked.stdout)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == f"{image['repository']}:{image['tag']}"
+    assert pod["security_context"]["run_as_user"] == pod["security_context"]["fs_group"] == 10001
+    secret_refs = {source["secret_ref"]["name"] for source in container["env_from"] if source.get("secret_ref")}
+    assert secret_refs >= set(SECRET_KEYS)
+    password = next(env for env in container["env"] if env["name"] == "DAGSTER_PG_PASSWORD")
+    assert password["value_from"]["secret_key_ref"] == {
+        "name": values["global"]["postgresqlSecretName"],
+        "key": PG_PASSWORD_KEY,
+        "optional": None,
+    }
+    assert {"name": "MATCHALL_DUCKDB_PATH", "value": "/var/lib/matchall/matchall.duckdb"} in [
+        {"name": env["name"], "value": env["value"]} for env in container["env"]
+    ]
+    claims = {v["persistent_volume_claim"]["claim_name"] for v in pod["volumes"] if v.get("persistent_volume_claim")}
+    assert claims == {"matchall-duckdb"}
+    assert "/var/lib/matchall" in {mount["mount_path"] for mount in container["volume_mounts"]}
     with chart_code_server(bin_dir, values, tmp_path / "home", tmp_path / "grpc.log"):
         pass
