@@ -289,9 +289,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def chart_code_server(bin_dir: Path, values: Mapping[str, Any], home: Path, log: Path) -> Iterator[int]:
+def chart_code_server(bin_dir: Path, values: Mapping[str, Any], home: Path, log: Path) -> Iterator[dict[str, str]]:
     """`dagster api grpc -h ... -p <port> <dagsterApiGrpcArgs>` as the chart runs it, on 127.0.0.1,
-    with the chart's environment; yields the port once the chart's readiness probe
+    with the chart's environment; yields that environment once the chart's readiness probe
     (`dagster api grpc-health-check`) passes. Stopped by process group at the end."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -320,7 +320,7 @@ def chart_code_server(bin_dir: Path, values: Mapping[str, Any], home: Path, log:
                 break
             assert time.monotonic() < deadline, f"no SERVING within 90 s: {probe.stdout}\n{log.read_text()}"
             time.sleep(0.5)
-        yield port
+        yield env
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -571,11 +571,11 @@ def test_build_script_takes_its_versions_from_the_dockerfile() -> None:
 
 def test_code_server_loads_with_the_charts_arguments_and_environment(tmp_path: Path) -> None:
     """The dev environment's `dagster` here; the image's own under -m slow."""
-    with chart_code_server(Path(sys.executable).parent, load_values(), tmp_path / "home", tmp_path / "grpc.log"):
+    with chart_code_server(Path(sys.executable).parent, load_values(), tmp_path / "home", tmp_path / "grpc.log") as env:
         pass
     log = (tmp_path / "grpc.log").read_text()
     assert f"Started Dagster code server for module {MODULE}" in log
-    assert "ACTIVECAMPAIGN_API_KEY" not in log
+    assert env["ACTIVECAMPAIGN_API_KEY"] not in log
 
 
 def test_code_server_fails_fast_without_the_module(tmp_path: Path) -> None:
