@@ -126,8 +126,9 @@ def start_match_all_runs(
                 context.log.error(f"Could not start a run of segment {segment_id}: {exc}")
                 failures[segment_id] = str(exc)
                 continue
-            # The one window where a kill starts a segment twice: the API has started the run
-            # and this record is not yet stored (a few milliseconds).
+            # The one window where an interruption makes a re-execution start a segment twice: from
+            # this start request reaching the API to the record below being stored (a round trip
+            # and one write); one segment at most, since segments are started one after the other.
             context.log_event(pending_observation(segment_id, run, sort, kickoff=kickoff))
             started += 1
             if started % PROGRESS_EVERY == 0:
@@ -139,7 +140,8 @@ def start_match_all_runs(
     if failures:
         raise dg.Failure(
             description=f"{len(failures)} of {len(segment_ids)} segment(s) could not be started; see the log. "
-            f"Launch the kick-off again once the API answers.",
+            f"Re-execute this run once the API answers: a re-execution starts only the segments not started yet "
+            f"(a new kick-off would start every segment again).",
             metadata={"failed_segments": sorted(failures)},
         )
 
