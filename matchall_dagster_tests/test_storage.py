@@ -21,7 +21,7 @@ from matchall_dagster import storage
 from matchall_dagster.assets import members_frame
 from matchall_dagster.partitions import segments_partitions
 from matchall_dagster.simulator import SimulatorServer
-from matchall_dagster.storage import MatchallDuckDBIOManager
+from matchall_dagster.storage import MatchallDuckDBIOManager, PartitionSummary
 from matchall_dagster_tests.conftest import materialize_segment
 
 ASSET_KEY = dg.AssetKey("segment_matches")
@@ -286,3 +286,92 @@ def test_concurrent_runs_of_different_partitions_share_the_file(
     assert outcomes == [True, True]
     for segment_id in segments:
         assert stored(duckdb_file, segment_id) == server.simulator.truth(segment_id)
+
+
+# -- partition summaries (what matches_complete judges) ------------------------------------------
+
+summaries: list[PartitionSummary] = []
+
+
+@dg.asset(partitions_def=segments_partitions)
+def summary_reader(segment_matches: PartitionSummary) -> None:
+    summaries.append(segment_matches)
+
+
+def summarize(instance: dg.DagsterInstance, duckdb_file: Path, segment_id: str) -> PartitionSummary:
+    """The partition as the IO manager summarizes it for an input annotated `PartitionSummary`."""
+    summaries.clear()
+    if segment_id not in instance.get_dynamic_partitions("segments"):
+        instance.add_dynamic_partitions("segments", [segment_id])
+    source = dg.AssetSpec(ASSET_KEY, partitions_def=segments_partitions, metadata={"partition_expr": "segment_id"})
+    dg.materialize(
+        [source, summary_reader],
+        selection=[summary_reader],
+        partition_key=segment_id,
+        instance=instance,
+        resources={"io_manager": MatchallDuckDBIOManager(database=str(duckdb_file), schema="main")},
+    )
+    (summary,) = summaries
+    return summary
+
+
+def tamper(duckdb_file: Path, sql: str) -> None:
+    connection = duckdb.connect(str(duckdb_file))
+    try:
+        connection.execute(sql)
+    finally:
+        connection.close()
+
+
+# Dense ids take the bitmap over their range; ids spread over 2**62 take the grouping.
+@pytest.mark.parametrize("spread", [3, 2**52], ids=["dense", "sparse"])
+def test_a_partition_summary_counts_rows_positions_and_repeats_exactly(
+    instance: dg.DagsterInstance, duckdb_file: Path, spread: int
+) -> None:
+    ids = [spread * n + 11 for n in (5, 1, 4, 2, 3, 9, 8)]
+    write(instance, duckdb_file, "1", ids)
+    write(instance, duckdb_file, "2", [ids[0], ids[0], ids[0]])  # another partition: never counted
+    assert summarize(instance, duckdb_file, "1") == PartitionSummary(7, 1, 7, 0, 0)
+    assert summarize(instance, duckdb_file, "1").positions_exact
+
+    # An id stored three times (two repeats), and a position twice, a gap where the other was.
+    tamper(
+        duckdb_file, f"update segment_matches set contact_id = {ids[2]} where segment_id = '1' and position in (1, 6)"
+    )
+    tamper(duckdb_file, "update segment_matches set position = 3 where segment_id = '1' and position = 4")
+    summary = summarize(instance, duckdb_file, "1")
+    assert summary == PartitionSummary(7, 1, 7, repeated_contacts=2, repeated_positions=1)
+    assert not summary.positions_exact
+
+    tamper(duckdb_file, "update segment_matches set position = position + 10 where segment_id = '1'")
+    assert not summarize(instance, duckdb_file, "1").positions_exact  # 11..17, not 1..7
+
+
+def test_a_partition_summary_of_no_rows_or_no_table(instance: dg.DagsterInstance, duckdb_file: Path) -> None:
+    assert summarize(instance, duckdb_file, "1") == PartitionSummary(0, None, None, 0, 0)  # no table yet
+    write(instance, duckdb_file, "1", [])
+    empty = summarize(instance, duckdb_file, "1")
+    assert empty == PartitionSummary(0, None, None, 0, 0)
+    assert empty.positions_exact
+
+
+def memory_limit_of(database: str, config: dict[str, Any] | None = None) -> str:
+    connection = duckdb.connect(database, config=config or {})
+    try:
+        return str(connection.execute("select current_setting('memory_limit')").fetchall()[0][0])
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("configured", [None, "1GB"], ids=["default", "configured"])
+def test_duckdb_memory_is_capped_unless_configured(duckdb_file: Path, configured: str | None) -> None:
+    """DuckDB would take up to 80% of the machine's memory; the IO manager's connections cap it."""
+    connection_config = {} if configured is None else {"memory_limit": configured}
+    context = dg.build_output_context(
+        resource_config={"database": str(duckdb_file), "connection_config": connection_config}
+    )
+    with storage._TransactionalDuckDbClient.connect(context, None) as connection:  # type: ignore[arg-type]
+        limit = str(connection.execute("select current_setting('memory_limit')").fetchall()[0][0])
+    expected = memory_limit_of(":memory:", {"memory_limit": configured or storage.DEFAULT_MEMORY_LIMIT})
+    assert limit == expected
+    assert limit != memory_limit_of(":memory:")  # DuckDB's own default differs from both
