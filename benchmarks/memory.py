@@ -25,13 +25,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 
 SIMULATOR_TOKEN = "simulator-token"  # noqa: S105  # the simulator's public demo token
-MB = 1_000_000
+MIB = 2**20
 SAMPLE_SECONDS = 0.02
 INSTANCE_YAML = """\
 storage:
@@ -46,7 +46,7 @@ telemetry:
 class ProcessPeak:
     pid: int
     role: str  # "run", "step <key>", or what else runs below the run process
-    peak_mb: float
+    peak_mib: float
 
 
 @dataclass
@@ -54,11 +54,11 @@ class RunMemory:
     segment_id: str
     succeeded: bool
     seconds: float
-    tree_peak_mb: float  # the largest sum of the run's processes' RSS at one instant
+    tree_peak_mib: float  # the largest sum of the run's processes' RSS at one instant
     processes: list[ProcessPeak] = field(default_factory=list)
 
     def peak_of(self, role: str) -> float:
-        return max((p.peak_mb for p in self.processes if p.role == role), default=0.0)
+        return max((p.peak_mib for p in self.processes if p.role == role), default=0.0)
 
 
 @dataclass
@@ -66,8 +66,14 @@ class Scenario:
     name: str
     size: int
     runs: list[RunMemory]
-    total_peak_mb: float  # every run's tree together, at one instant
+    total_peak_mib: float  # every run's tree together, at one instant
     rows_stored: dict[str, int]
+    executor: str
+    simulator_peak_mib: float = 0.0  # the simulator's process so far (it serves every scenario)
+
+    @property
+    def exact(self) -> bool:
+        return all(run.succeeded and self.rows_stored.get(run.segment_id) == self.size for run in self.runs)
 
 
 def _vm_hwm_bytes(pid: int) -> int:
@@ -134,7 +140,7 @@ class SimulatorProcess:
 
     def __init__(self, segments: dict[str, int]) -> None:
         spec = [f"{segment_id}:{size}" for segment_id, size in segments.items()]
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # noqa: S603  # this interpreter and this file, no shell
             [sys.executable, __file__, "--serve-simulator", *spec],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -156,8 +162,8 @@ class SimulatorProcess:
             self.process.wait()
 
     @property
-    def rss_mb(self) -> float:
-        return _vm_hwm_bytes(self.process.pid) / MB
+    def peak_mib(self) -> float:
+        return _vm_hwm_bytes(self.process.pid) / MIB
 
 
 def _serve_simulator(spec: Sequence[str]) -> None:
@@ -233,6 +239,7 @@ def run_scenario(
         _add_partitions(home, segment_ids)
         started = time.perf_counter()
         children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        logs = []
         for segment_id in segment_ids:
             command = [
                 sys.executable,
@@ -249,26 +256,24 @@ def run_scenario(
                 "--config-json",
                 _run_config(executor),
             ]
-            log = (home / f"run-{segment_id}.log").open("wb")
-            children.append(
-                (segment_id, subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT))
-            )
+            logs.append((home / f"run-{segment_id}.log").open("wb"))
+            child = subprocess.Popen(command, env=env, cwd=home, stdout=logs[-1], stderr=subprocess.STDOUT)  # noqa: S603
+            children.append((segment_id, child))
         roots = [psutil.Process(child.pid) for _, child in children]
         seconds: dict[str, float] = {}
         with TreeSampler(roots) as sampler:
             for segment_id, child in children:
                 child.wait()
                 seconds[segment_id] = time.perf_counter() - started
+        for log in logs:
+            log.close()
         roles = _step_pids(home)
         runs = []
         for (segment_id, child), root in zip(children, roots, strict=True):
             processes = []
             for pid in sorted(sampler.members[root.pid]):
-                if pid == root.pid:
-                    role = "run"
-                else:
-                    role = roles.get(pid) or _other_role(sampler.cmdlines.get(pid, ""))
-                processes.append(ProcessPeak(pid, role, sampler.peak_bytes.get(pid, 0) / MB))
+                role = "run" if pid == root.pid else roles.get(pid) or _other_role(sampler.cmdlines.get(pid, ""))
+                processes.append(ProcessPeak(pid, role, sampler.peak_bytes.get(pid, 0) / MIB))
             if child.returncode != 0:
                 tail = (home / f"run-{segment_id}.log").read_text(errors="replace")[-3000:]
                 print(f"run of segment {segment_id} failed ({child.returncode}):\n{tail}", file=sys.stderr)
@@ -277,11 +282,11 @@ def run_scenario(
                     segment_id=segment_id,
                     succeeded=child.returncode == 0,
                     seconds=seconds[segment_id],
-                    tree_peak_mb=sampler.tree_peak[root.pid] / MB,
+                    tree_peak_mib=sampler.tree_peak[root.pid] / MIB,
                     processes=processes,
                 )
             )
-        return Scenario(name, size, runs, sampler.total_peak / MB, _rows(database))
+        return Scenario(name, size, runs, sampler.total_peak / MIB, _rows(database), executor, simulator.peak_mib)
 
 
 def _other_role(cmdline: str) -> str:
@@ -317,24 +322,24 @@ def report(scenarios: Sequence[Scenario]) -> None:
     for scenario in scenarios:
         print(
             f"\n{scenario.name}: {scenario.size:,} members a segment; peak of all runs together "
-            f"{scenario.total_peak_mb:,.0f} MB"
+            f"{scenario.total_peak_mib:,.0f} MiB ({scenario.executor} executor; simulator process "
+            f"{scenario.simulator_peak_mib:,.0f} MiB)"
         )
         for run in scenario.runs:
             stored = scenario.rows_stored.get(run.segment_id, 0)
             verdict = "ok" if run.succeeded and stored == scenario.size else "FAILED"
             print(
                 f"  segment {run.segment_id}: {verdict}, {stored:,} rows stored, {run.seconds:.1f} s, "
-                f"tree peak {run.tree_peak_mb:,.0f} MB"
+                f"tree peak {run.tree_peak_mib:,.0f} MiB"
             )
             helpers = [p for p in run.processes if p.role == "run" or p.role.startswith("step ")]
             for process in helpers:
-                print(f"    {process.role:45} pid {process.pid:>7}  peak RSS {process.peak_mb:8,.0f} MB")
+                print(f"    {process.role:45} pid {process.pid:>7}  peak RSS {process.peak_mib:8,.0f} MiB")
             others = [p for p in run.processes if p not in helpers]
             if others:
                 kinds = ", ".join(sorted({p.role for p in others}))
-                print(
-                    f"    + {len(others)} helper process(es), each at most {max(p.peak_mb for p in others):,.0f} MB: {kinds}"
-                )
+                largest = max(p.peak_mib for p in others)
+                print(f"    + {len(others)} helper process(es), each at most {largest:,.0f} MiB: {kinds}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -344,12 +349,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--executor", choices=("multiprocess", "in_process"), default="multiprocess", help="Dagster's executor"
     )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead")
     parser.add_argument("--serve-simulator", nargs="+", metavar="ID:SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_simulator:
         _serve_simulator(args.serve_simulator)
         return
-    report(measure(args.size, args.parallel, args.executor))
+    scenarios = measure(args.size, args.parallel, args.executor)
+    if args.json:
+        print(json.dumps([asdict(scenario) for scenario in scenarios], indent=2))
+    else:
+        report(scenarios)
 
 
 if __name__ == "__main__":
