@@ -116,6 +116,11 @@ def run(segments: int, speedup: float, kill_at: float) -> dict[str, Any]:
             started_when_killed = len(simulator.runs)
             (first,) = instance.get_runs()
             recorded_when_killed = sum(records_of(instance, first.run_id).values())
+            in_run_log = {
+                entry.dagster_event.partition
+                for entry in instance.all_logs(first.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
+                if entry.dagster_event is not None
+            }
             instance.report_run_failed(first, message="The run's process was killed.")
             lookup = time.monotonic()
             already = started_segments(instance, first.run_id)
@@ -140,6 +145,7 @@ def run(segments: int, speedup: float, kill_at: float) -> dict[str, Any]:
         "killed_after_s": round(killed_after, 1),
         "started_when_killed": started_when_killed,
         "recorded_when_killed": recorded_when_killed,
+        "in_run_log_when_killed": len(in_run_log),
         "already_started_found": len(already),
         "finding_them_s": round(lookup_s, 2),
         "reexecution_success": result.success,

@@ -26,7 +26,7 @@ STATUS = "matchall/status"
 PENDING = "pending"
 ATTEMPT = "attempt"
 KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that started the run
-ROOT_RUN_ID_TAG = "dagster/root_run_id"  # set by Dagster on every re-execution
+RESUME_PAGE = 2_000
 PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
 KICKOFF_CRON_VARIABLE = "MATCHALL_KICKOFF_CRON"
 
@@ -51,28 +51,37 @@ def kickoff_id(run: dg.DagsterRun) -> str:
 
 
 def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
-    """The segments that earlier attempts of this kick-off (and this one) already recorded as started.
+    """The segments whose runs earlier attempts of this kick-off (and this one) recorded as pending.
 
-    Read from the event logs of the kick-off's own runs (the root and its re-executions), not from
-    the asset's whole history: the cost is that of one kick-off, however old the asset.
+    Read where the readiness sensor reads them, the asset's observations (not the runs' own logs:
+    on SQLite a process killed mid-write can leave an event in its run's log and not in the
+    asset's index, and such a run would never be polled), from the kick-off's first run on.
     """
-    family = {kickoff, *instance.get_run_ids(dg.RunsFilter(tags={ROOT_RUN_ID_TAG: kickoff}))}
+    root = instance.get_run_record_by_id(kickoff)
+    since = root.create_timestamp.timestamp() - 60.0 if root is not None else None  # clocks of two processes
     started: set[str] = set()
-    for run_id in family:
-        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION):
-            event = entry.dagster_event
-            observation = event.asset_observation_data.asset_observation if event is not None else None
-            if observation is None or observation.asset_key != ASSET_KEY or observation.partition is None:
+    cursor = None
+    while True:
+        page = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_timestamp=since),
+            limit=RESUME_PAGE,
+            cursor=cursor,
+            ascending=True,
+        )
+        for record in page.records:
+            observation = record.asset_observation
+            if observation is None or record.partition_key is None:
                 continue
-            metadata = observation.metadata
-            status, recorded_by = metadata.get(STATUS), metadata.get(KICKOFF)
+            status, recorded_by = observation.metadata.get(STATUS), observation.metadata.get(KICKOFF)
             if (
                 status is not None
                 and recorded_by is not None
                 and (status.value, recorded_by.value) == (PENDING, kickoff)
             ):
-                started.add(observation.partition)
-    return started
+                started.add(record.partition_key)
+        cursor = page.cursor
+        if not page.has_more:
+            return started
 
 
 def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
