@@ -1,12 +1,13 @@
 """The whole path: a Dagster run of `segment_matches` for one partition into a real DuckDB file.
 
-`python -m benchmarks.whole_path --segment ID --run-id RUN --db FILE` (with DAGSTER_HOME, the
-simulator's ACTIVECAMPAIGN_API_URL/KEY and MATCHALL_BENCH_RPS in the environment) launches what
-the readiness sensor launches: the asset and its checks for the partition, with the run id, on
-Dagster's default multiprocess executor (the step runs in a subprocess of its own, as under
-`dagster dev`), through the project's definitions and IO manager. Only the activecampaign
-resource's requests_per_second differs: the benchmark's, since the project gives runs 4 of the
-account's 5 requests/s and keeps 1 for its sensors. Prints one JSON line.
+`python -m benchmarks.whole_path --segment ID --run-id RUN` (with DAGSTER_HOME, the simulator's
+ACTIVECAMPAIGN_API_URL/KEY, MATCHALL_BENCH_DB and MATCHALL_BENCH_RPS in the environment) launches
+what the readiness sensor launches: the asset and its checks for the partition, with the run id,
+through the project's definitions and IO manager, on Dagster's default multiprocess executor
+(each step in a subprocess of its own, as under `dagster dev`; MATCHALL_BENCH_EXECUTOR=in_process
+runs them in the run's process). Only the activecampaign resource's requests_per_second differs:
+the benchmark's, since the project gives runs 4 of the account's 5 requests/s and keeps 1 for its
+sensors. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from matchall_dagster.resource import ActiveCampaignResource
 
 RPS_VARIABLE = "MATCHALL_BENCH_RPS"
 DB_VARIABLE = "MATCHALL_BENCH_DB"
+# "in_process": the run's steps in the run process, to show what the step subprocesses cost.
+EXECUTOR_VARIABLE = "MATCHALL_BENCH_EXECUTOR"
 JOB = "bench_segment_matches"
 
 
@@ -34,7 +37,13 @@ def bench_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=project.assets,
         asset_checks=project.asset_checks,
-        jobs=[dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(segment_matches))],
+        jobs=[
+            dg.define_asset_job(
+                JOB,
+                selection=dg.AssetSelection.assets(segment_matches),
+                executor_def=dg.in_process_executor if os.environ.get(EXECUTOR_VARIABLE) == "in_process" else None,
+            )
+        ],
         resources={
             **(project.resources or {}),
             "activecampaign": ActiveCampaignResource(
@@ -90,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         work_wall = time.monotonic() - wall
         figures: dict[str, Any] = {"success": result.success}
+        if not result.success:
+            figures["errors"] = [
+                entry.message or str(entry.dagster_event.event_specific_data)
+                for entry in instance.all_logs(result.run_id)
+                if entry.dagster_event is not None and entry.dagster_event.is_failure
+            ]
         for event in result.get_asset_materialization_events():
             materialization = event.step_materialization_data.materialization
             if materialization.asset_key == segment_matches.key:
