@@ -37,7 +37,7 @@ CHROMIUM_ARGS = (
     "--disable-component-update",
     "--disable-sync",
 )
-VIEWPORT = {"width": 1600, "height": 1000}
+VIEWPORT = {"width": 1920, "height": 1080}
 TIMEOUT_MS = 90_000  # one locator or navigation; the machine is slow and shared
 CHROMIUM_INSTALL_HINT = "apt-get install -y chromium"
 
@@ -168,7 +168,7 @@ def _idle(instance: dg.DagsterInstance, origins: list[tuple[str, str]]) -> bool:
 
 
 @contextlib.contextmanager
-def automation_paused(deployment: Deployment, timeout: float = 240.0) -> Iterator[None]:
+def automation_paused(deployment: Deployment, timeout: float = 420.0) -> Iterator[None]:
     """Stop the kick-off schedule and the readiness sensor, wait until nothing is running, and
     reset both to their status in code on exit.
 

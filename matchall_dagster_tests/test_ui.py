@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -23,6 +27,7 @@ from playwright.sync_api import expect
 from matchall_dagster.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_FAILED
 from matchall_dagster.partitions import segments_partitions
 from matchall_dagster.storage import TABLE
+from matchall_dagster_tests import browser
 from matchall_dagster_tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, UI, automation_paused, open_ui, require_chromium
 from matchall_dagster_tests.deployment import ARTIFACTS, Deployment
 
@@ -38,6 +43,68 @@ RUN_URL = re.compile(r"/runs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0
 def chromium() -> None:
     """Before the stack starts: no point starting it without a browser."""
     require_chromium()
+
+
+# -- the browser harness itself ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
+def test_without_chromium_the_ui_test_skips_except_under_ci(
+    ci: str, outcome: type[BaseException], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "chromium")  # nothing there
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match=r"chromium is missing .*apt-get install -y chromium"):
+        require_chromium()
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>probe</title><h1>matchall probe</h1>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def probe_page() -> Iterator[str]:
+    """A page on 127.0.0.1 for the browser harness's own test (no Dagster needed)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_failed_ui_step_names_the_step_and_keeps_a_screenshot(
+    chromium: None, probe_page: str, tmp_path: Path
+) -> None:
+    """Chromium starts with the flags above and renders a page; a step that fails says which
+    step, on which page, with a screenshot of what the browser showed."""
+    with open_ui(probe_page, tmp_path) as ui:
+        ui.goto("/")
+        expect(ui.page.get_by_role("heading", name="matchall probe")).to_be_visible()
+        assert ui.shot("probe").stat().st_size > 0
+        with pytest.raises(AssertionError) as failure, ui.step("a heading that is not there"):
+            expect(ui.page.get_by_text("no such text")).to_be_visible(timeout=1_000)
+    message = str(failure.value)
+    assert "UI step failed: a heading that is not there" in message
+    assert f"page: {probe_page}/" in message
+    screenshot = tmp_path / "FAILED-a-heading-that-is-not-there.png"
+    assert f"screenshot: {screenshot}" in message
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
+
+
+# -- the analyst's walk through the UI ---------------------------------------------------------
 
 
 def _check_history(instance: dg.DagsterInstance, check_name: str) -> list[Any]:
@@ -93,15 +160,17 @@ def _stored_members(deployment: Deployment, segment_id: str) -> list[int]:
             time.sleep(0.5)
 
 
-def _show_asset_graph(ui: UI, partitions: list[str]) -> None:
+def _show_asset_graph(ui: UI, partitions: list[str], materialized: set[str]) -> None:
     page = ui.page
-    with ui.step("the global asset graph shows segment_matches with its checks and partitions"):
+    filled = f"{100 * len(materialized) // len(partitions)}% filled"
+    with ui.step(f"the global asset graph shows segment_matches, its checks, {len(partitions)} partitions, {filled}"):
         ui.goto("/asset-groups")
         expect(page.get_by_text("Global asset lineage")).to_be_visible()
         node = page.get_by_text("segment_matches", exact=True).filter(visible=True).last
         expect(node).to_be_visible()
         expect(page.get_by_text("Asset checks").first).to_be_visible()
         expect(page.get_by_text(f"{len(partitions)} partitions", exact=True)).to_be_visible()
+        expect(page.get_by_text(filled, exact=True)).to_be_visible()
         ui.shot("01-asset-graph")
 
 
@@ -128,7 +197,9 @@ def _show_partitions(ui: UI, partitions: list[str], materialized: set[str], segm
 def _show_failed_check(ui: UI, failing_segment: str, dagster_run_id: str, remote_run_id: str, failed: int) -> None:
     page = ui.page
     with ui.step(f"run_not_failed shows Failed on partition {failing_segment} with run {remote_run_id}"):
-        page.get_by_role("link", name="Checks", exact=True).click()
+        # The asset's tabs are links styled as tabs.
+        checks_tab = page.get_by_role("tab", name="Checks", exact=True)
+        page.get_by_role("link", name="Checks", exact=True).or_(checks_tab).first.click()
         page.get_by_text(RUN_NOT_FAILED, exact=True).filter(visible=True).first.click()
         expect(page).to_have_url(re.compile(f"checkDetail={RUN_NOT_FAILED}"))
         page.get_by_role("tab", name="Execution history").click()
@@ -178,10 +249,11 @@ def _launch_with_sort(ui: UI, segment_id: str, sort: str) -> str:
         config = yaml.safe_load(editor.evaluate("element => element.CodeMirror.getValue()"))
         assert config["ops"]["segment_matches"]["config"]["sort"] == sort, config["ops"]
         expect(dialog.get_by_text("No errors")).to_be_visible()
+        # Its accessible name starts with the icon's ("open_in_new Materialize").
+        launch = dialog.get_by_role("button", name=re.compile(r"(^|\s)Materialize$"))
+        expect(launch).to_be_enabled()
         ui.shot("05-launchpad")
     with ui.step("Materialize launches a run and opens its page"):
-        launch = dialog.get_by_role("button", name="Materialize", exact=True)
-        expect(launch).to_be_enabled()
         launch.click()
         page.wait_for_url(RUN_URL)
         match = RUN_URL.search(page.url)
@@ -189,7 +261,7 @@ def _launch_with_sort(ui: UI, segment_id: str, sort: str) -> str:
         return match.group(1)
 
 
-@pytest.mark.timeout(900)  # the stack's start, its first outcome, a drained queue and a run, on 2 shared cores
+@pytest.mark.timeout(1200)  # the stack's start, its first outcome, a drained queue and a run, on 2 shared cores
 def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
     chromium: None, deployment: Deployment
 ) -> None:
@@ -229,7 +301,7 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
         failed_partitions = sum(s == "FAILED" for s in _latest_check_status(instance, RUN_NOT_FAILED).values())
 
         with open_ui(deployment.webserver_url, UI_ARTIFACTS) as ui:
-            _show_asset_graph(ui, partitions)
+            _show_asset_graph(ui, partitions, materialized)
             _show_partitions(ui, partitions, materialized, chosen, chosen_record.run_id)
             _show_failed_check(ui, deployment.failing_segment, failed_record.run_id, remote_run_id, failed_partitions)
             run_id = _launch_with_sort(ui, chosen, CHOSEN_SORT)
