@@ -298,6 +298,8 @@ def _other_role(cmdline: str) -> str:
         return "compute log watcher"
     if cmdline.startswith("tail "):
         return "compute log tail"
+    if "multiprocessing.spawn" in cmdline:
+        return "step process (its STEP_START not found)"
     return f"other ({cmdline[:60]})"
 
 
