@@ -95,7 +95,7 @@ def test_fetch_matches_keeps_the_ids_in_one_int64_buffer(
     per_id = bytes_per_id(measure)
     # 8 bytes an id for the buffer (measured 11 to 12 with the pages in flight, the duplicate
     # check's bitmap included); a sorted copy would add 8, Python ints 28 or more.
-    assert 7.5 <= per_id <= 14.0, f"fetch_matches took {per_id:.1f} bytes an id"
+    assert 7.5 <= per_id <= 15.0, f"fetch_matches took {per_id:.1f} bytes an id"
 
 
 # -- the frame --------------------------------------------------------------------------------
