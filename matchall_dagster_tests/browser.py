@@ -128,17 +128,16 @@ def open_ui(base_url: str, artifacts: Path) -> Iterator[UI]:
 # -- holding the automation still -------------------------------------------------------------
 
 
+# kind -> (query field, selector type, state field) of the webserver's GraphQL schema
+_INSTIGATOR_FIELDS = {
+    "schedule": ("scheduleOrError", "ScheduleSelector", "scheduleState"),
+    "sensor": ("sensorOrError", "SensorSelector", "sensorState"),
+}
+
+
 def _instigator_state_id(deployment: Deployment, kind: str, name: str) -> str:
+    field_name, selector_type, state = _INSTIGATOR_FIELDS[kind]
     selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, f"{kind}Name": name}
-    field_name, selector_type = (
-        ("scheduleOrError", "ScheduleSelector")
-        if kind == "schedule"
-        else (
-            "sensorOrError",
-            "SensorSelector",
-        )
-    )
-    state = "scheduleState" if kind == "schedule" else "sensorState"
     data = deployment.graphql(
         f"query($s: {selector_type}!) {{ {field_name}({kind}Selector: $s) {{ __typename "
         f"... on {kind.capitalize()} {{ {state} {{ id }} }} ... on PythonError {{ message }} }} }}",
