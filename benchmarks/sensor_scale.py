@@ -156,15 +156,22 @@ class Day:
     restarts: int = 0
 
 
-def simulated_day(count: int, seed: int, max_ticks: int) -> dict[str, Any]:
+def simulated_day(
+    count: int, seed: int, max_ticks: int, *, sensor_rate: float | None = None, kickoff_rate: float = KICKOFF_RATE
+) -> dict[str, Any]:
+    """Part 1. `sensor_rate` and `kickoff_rate` try another split of the account's 5/s (the tick's
+    budget follows the sensor's rate as it would in production)."""
     account = build_account(count, seed)
-    rate = readiness.SENSOR_REQUESTS_PER_SECOND
+    configured = readiness.SENSOR_REQUESTS_PER_SECOND
+    budget = readiness.REQUESTS_PER_TICK
+    rate = sensor_rate or configured
     day = Day()
     with environment(account, limit=0) as (server, instance, defs):
         simulator = server.simulator
         clock = VirtualClock(simulator)
         readiness.clock = clock
         readiness.SENSOR_REQUESTS_PER_SECOND = 1_000.0  # the client's pause only; the tick's budget is unchanged
+        readiness.REQUESTS_PER_TICK = math.floor(rate * readiness.POLL_WINDOW_SECONDS)
         real_poll = ActiveCampaignClient.poll_run
 
         tick_at = 0.0  # the simulated time of the tick in progress
@@ -185,9 +192,9 @@ def simulated_day(count: int, seed: int, max_ticks: int) -> dict[str, Any]:
                 now = clock()
                 # The kick-off, running beside the sensor: every run due to have started by now, each
                 # started at its own moment of simulated time and recorded as pending.
-                while started < count and began + started / KICKOFF_RATE <= now:
+                while started < count and began + started / kickoff_rate <= now:
                     segment = account.segments[started]
-                    at = began + started / KICKOFF_RATE
+                    at = began + started / kickoff_rate
                     back = at - clock()
                     simulator.advance_clock(back)  # to the run's own moment (no request is in flight)
                     run = starter.start_run(segment.id, sort="id")
@@ -235,11 +242,16 @@ def simulated_day(count: int, seed: int, max_ticks: int) -> dict[str, Any]:
                 clock.advance(max(MIN_INTERVAL, production) - wall)
         finally:
             ActiveCampaignClient.poll_run = real_poll  # type: ignore[method-assign]
-            readiness.SENSOR_REQUESTS_PER_SECOND = rate
+            readiness.SENSOR_REQUESTS_PER_SECOND = configured
+            readiness.REQUESTS_PER_TICK = budget
             readiness.clock = time.time
             starter.close()
         runs = simulator.runs
-    return summarize(day, runs, nominal, count, account)
+    return {
+        "sensor_requests_per_second": rate,
+        "kickoff_requests_per_second": kickoff_rate,
+        **summarize(day, runs, nominal, count, account, math.floor(rate * readiness.POLL_WINDOW_SECONDS)),
+    }
 
 
 def ticks_between(ticks: list[float], start: float, end: float) -> int:
@@ -248,7 +260,7 @@ def ticks_between(ticks: list[float], start: float, end: float) -> int:
 
 
 def summarize(
-    day: Day, runs: dict[str, Any], nominal: dict[str, float], count: int, account: SimAccount
+    day: Day, runs: dict[str, Any], nominal: dict[str, float], count: int, account: SimAccount, budget: int
 ) -> dict[str, Any]:
     ok = {run_id: run for run_id, run in runs.items() if run.segment.behavior is Behavior.OK}
     delays, delay_ticks = [], []
@@ -282,7 +294,7 @@ def summarize(
         "polls_per_run_max": max(polls, default=0),
         "polls_per_run_p99": percentile([float(p) for p in polls], 0.99),
         "requests_per_tick_max": max(day.requests, default=0),
-        "request_budget_per_tick": readiness.REQUESTS_PER_TICK,
+        "request_budget_per_tick": budget,
         "ready_to_request_s_max": round(max(delays, default=0.0), 1),
         "ready_to_request_s_p50": round(percentile(delays, 0.5), 1),
         "ready_to_request_ticks_max": max(delay_ticks, default=0),
@@ -358,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-ticks", type=int, default=5_000)
     parser.add_argument("--real-ticks", type=int, default=3, help="ticks at the real rate (part 2); 0 skips it")
     parser.add_argument("--skip-day", action="store_true", help="skip part 1")
+    parser.add_argument("--sensor-rate", type=float, help="part 1 with another sensor share (requests/s)")
+    parser.add_argument("--kickoff-rate", type=float, default=KICKOFF_RATE, help="part 1: runs started a second")
     parser.add_argument("--json", action="store_true", help="one JSON line instead of the report")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # the sensor's per-run log lines; the report is the output
@@ -371,7 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     began = time.monotonic()
     if not args.skip_day:
-        report["simulated_day"] = simulated_day(args.segments, args.seed, args.max_ticks)
+        report["simulated_day"] = simulated_day(
+            args.segments, args.seed, args.max_ticks, sensor_rate=args.sensor_rate, kickoff_rate=args.kickoff_rate
+        )
     if args.real_ticks:
         report["real_ticks"] = real_ticks(args.segments, args.seed, args.real_ticks)
     report["cursor_worst_case"] = cursor_worst_case(args.segments, args.seed)
