@@ -10,6 +10,7 @@ record of that kick-off yet.
 """
 
 import os
+import time
 from collections.abc import Iterable
 
 import dagster as dg
@@ -27,6 +28,7 @@ PENDING = "pending"
 ATTEMPT = "attempt"
 KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that started the run
 RESUME_PAGE = 2_000
+PACE_MARGIN = 0.1
 PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
 KICKOFF_CRON_VARIABLE = "MATCHALL_KICKOFF_CRON"
 
@@ -84,6 +86,27 @@ def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
             return started
 
 
+class _Pace:
+    """Spaces the starts evenly, PACE_MARGIN wider than the rate.
+
+    The client's limiter admits bursts (its whole share at once, then a pause) with a 15 ms guard
+    per second; measured at the server under load, arrivals jitter by more than that, and the
+    simulator saw 5 requests in one second from the 4/s kick-off. Evenly spaced, requests four
+    apart are 1.1 s apart: the share holds against 100 ms of jitter, at 9 % of the kick-off's speed.
+    """
+
+    def __init__(self, requests_per_second: float) -> None:
+        self.interval = (1.0 + PACE_MARGIN) / requests_per_second
+        self._next = 0.0
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            time.sleep(self._next - now)
+            now = time.monotonic()
+        self._next = now + self.interval
+
+
 def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
     seen: set[str] = set()
     remaining = []
@@ -123,7 +146,9 @@ def start_match_all_runs(
     failures: dict[str, str] = {}
     started = 0
     with activecampaign.get_client() as client:
+        pace = _Pace(client.requests_per_second)
         for segment_id in todo:
+            pace.wait()
             try:
                 run = client.start_run(segment_id, sort=sort)
             except SegmentNotFoundError as exc:
