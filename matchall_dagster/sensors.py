@@ -514,10 +514,20 @@ def match_all_readiness_sensor(
                 requests.append(check_request(run, RUN_NOT_EXPIRED))
             else:
                 requests.append(check_request(run, RUN_NOT_FAILED))
-                restarted = decision.step is Step.RESTART and _restart(client, run, events, context.log)
+                retrying = decision.step is Step.RESTART
+                restarted = retrying and _restart(client, run, events, context.log)
+                if retrying and not restarted:  # the start failed: poll the failed run again later, and retry
+                    later = backed_off(run, clock())
+                    cursor.waiting[run.storage_id] = (later.next_poll_at, later.polls)
                 context.log.warning(
                     f"Run {run.run_id} of segment {run.segment_id} failed (attempt {run.attempt}); "
-                    + ("started a fresh run." if restarted else "giving up until the next kick-off.")
+                    + (
+                        "started a fresh run."
+                        if restarted
+                        else "will try to start a fresh run later."
+                        if retrying
+                        else "giving up until the next kick-off."
+                    )
                 )
     finally:
         report.requests = client.requests_sent

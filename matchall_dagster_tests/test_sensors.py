@@ -16,6 +16,7 @@ import pytest
 
 from matchall_dagster import ActiveCampaignClient, RunState, RunStatus
 from matchall_dagster.checks import RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.errors import APIUnavailableError
 from matchall_dagster.kickoff import pending_observation
 from matchall_dagster.models import MatchAllRun
 from matchall_dagster.sensors import (
@@ -413,6 +414,32 @@ def test_a_failed_run_is_recorded_on_its_partition_and_started_again(
     sensor_clock.advance(FIRST_POLL_DELAY)
     again = tick(instance, defs, READINESS, data.cursor)
     assert checks_of(again) == [(RUN_NOT_FAILED, "77", observation.metadata["run_id"].value)]
+
+
+def test_a_fresh_run_that_cannot_be_started_is_tried_again_later(
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    server: SimulatorServer,
+    sensor_clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record_pending(instance, server, "77")
+    real_start = ActiveCampaignClient.start_run
+
+    def unavailable(self: ActiveCampaignClient, *args: Any, **kwargs: Any) -> MatchAllRun:
+        raise APIUnavailableError("the API answered 503 (injected at the start of the fresh run)")
+
+    monkeypatch.setattr(ActiveCampaignClient, "start_run", unavailable)
+    data = tick(instance, defs, READINESS)
+    assert [check for check, *_ in checks_of(data)] == [RUN_NOT_FAILED]
+    assert not data.asset_events
+    assert len(cursor_of(data).waiting) == 1  # the failed run stays, to be polled and restarted
+    monkeypatch.setattr(ActiveCampaignClient, "start_run", real_start)
+    sensor_clock.advance(2 * FIRST_POLL_DELAY)
+    again = tick(instance, defs, READINESS, data.cursor)
+    (observation,) = again.asset_events
+    assert isinstance(observation, dg.AssetObservation)
+    assert observation.metadata["attempt"].value == 2
 
 
 def test_failed_runs_are_started_again_at_most_max_attempts_times(
