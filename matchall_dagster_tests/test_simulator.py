@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -374,6 +375,49 @@ def test_another_sort_rekicks_the_run_under_the_same_id(serve_simulator: ServeSi
     assert read(server, "10001", run_id, sort="email")["is_ready"] is True  # the same sort does not re-kick
     # Without `sort` the default `id` is asked for, which is another sort.
     assert read(server, "10001", run_id)["is_ready"] is False
+
+
+def evolving_account() -> SimAccount:
+    return SimAccount(
+        seed=3,
+        segments=[SimSegment("e", "Evolving", 20_000, churn=0.05, growth=0.02), SimSegment("s", "Static", 500)],
+    )
+
+
+def test_an_evolving_segment_changes_deterministically_from_run_to_run(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator(evolving_account())
+    generations = []
+    for n in range(3):
+        run_id = start(server, "e", instant="")["run_id"]
+        assert server.simulator.generation("e") == n
+        pages = [read(server, "e", run_id, page=page, page_size=10_000) for page in (1, 2, 3)]
+        ids = [contact for page in pages for contact in page["matches"]]
+        assert len(ids) == len(set(ids)) == pages[0]["page"]["total"]
+        assert ids == server.simulator.truth("e")
+        generations.append(set(ids))
+    for before, after in itertools.pairwise(generations):
+        left, joined = before - after, after - before
+        assert 0.03 * len(before) < len(left) < 0.07 * len(before)  # about 5 % leave
+        assert len(after) == round(len(before) * 1.02)  # and the segment grows by 2 %
+        assert min(joined) > max(before)  # newcomers are new contacts
+    again = evolving_account()  # another account of the same seed: the same history
+    assert set(again.members("e", 2).tolist()) == generations[2]
+    assert server.simulator.truth("e", generation=0) == sorted(generations[0])
+
+
+def test_a_run_keeps_its_generation_and_static_segments_never_change(serve_simulator: ServeSimulator) -> None:
+    server = serve_simulator(evolving_account())
+    first = start(server, "e", instant="")["run_id"]
+    start(server, "e", instant="")  # a later run moves the segment on
+    assert read(server, "e", first, page_size=10_000)["matches"] == server.simulator.truth("e", generation=0)[:10_000]
+    rekicked = read(server, "e", first, sort="-id", page_size=100)  # a re-kick is the same run: same members
+    assert rekicked["matches"] == server.simulator.truth("e", "-id", generation=0)[:100]
+    static = [start(server, "s", instant="")["run_id"] for _ in range(3)]
+    assert {tuple(read(server, "s", run_id, page_size=1_000)["matches"]) for run_id in static} == {
+        tuple(server.simulator.truth("s"))
+    }
+    with pytest.raises(ValueError, match="churn"):
+        SimSegment("x", "bad", 1, churn=1.5)
 
 
 def test_match_some_keeps_the_runs_sort_and_never_rekicks(serve_simulator: ServeSimulator) -> None:

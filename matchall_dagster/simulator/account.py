@@ -51,6 +51,19 @@ class SimSegment:
     behavior: Behavior = Behavior.OK
     ready_after: float | None = None  # seconds; None takes the simulator's default
     expire_after: float = 90 * 86_400.0
+    # Membership that evolves from one run to the next (run n of the segment sees generation n-1):
+    # at each generation `churn` of the members leave and new contacts join, so that the size
+    # changes by `growth` (shares of the previous generation's size).
+    churn: float = 0.0
+    growth: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.churn <= 1 or self.growth < -self.churn:
+            raise ValueError("a segment's churn must be a share from 0 to 1, and growth at least -churn")
+
+    @property
+    def evolves(self) -> bool:
+        return bool(self.churn or self.growth)
 
 
 def _seed_of(*parts: object) -> int:
@@ -73,8 +86,8 @@ class SimAccount:
 
     segments: list[SimSegment]
     seed: int = 0
-    _members: dict[str, ContactIds] = field(default_factory=dict, repr=False)
-    _orders: OrderedDict[tuple[str, str], ContactIds] = field(default_factory=OrderedDict, repr=False)
+    _members: dict[tuple[str, int], ContactIds] = field(default_factory=dict, repr=False)
+    _orders: OrderedDict[tuple[str, str, int], ContactIds] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,19 +102,34 @@ class SimAccount:
         base = datetime(2026, 1, 1, tzinfo=UTC)
         return base + timedelta(seconds=_seed_of(self.seed, segment.id, "ts") % (200 * 86_400))
 
-    def members(self, segment_id: str) -> ContactIds:
-        """The segment's contact ids in ascending order (distinct, positive)."""
+    def members(self, segment_id: str, generation: int = 0) -> ContactIds:
+        """The segment's contact ids at a generation, in ascending order (distinct, positive)."""
+        segment = self.segment(segment_id)
+        if segment is None:
+            raise KeyError(segment_id)
+        generation = generation if segment.evolves else 0
         with self._lock:
-            cached = self._members.get(segment_id)
-            if cached is None:
-                segment = self.segment(segment_id)
-                if segment is None:
-                    raise KeyError(segment_id)
-                rng = np.random.default_rng(_seed_of(self.seed, segment.id))
-                gaps = rng.integers(1, 16, size=segment.size, dtype=np.int64)
-                cached = np.cumsum(gaps) + int(rng.integers(0, 1_000))
-                self._members[segment_id] = cached
-            return cached
+            known = max((g for (sid, g) in self._members if sid == segment_id and g <= generation), default=-1)
+            ids = self._members.get((segment_id, known))
+        if ids is None:
+            rng = np.random.default_rng(_seed_of(self.seed, segment.id))
+            gaps = rng.integers(1, 16, size=segment.size, dtype=np.int64)
+            ids, known = np.cumsum(gaps) + int(rng.integers(0, 1_000)), 0
+        for step in range(known + 1, generation + 1):  # each generation from the one before
+            ids = self._evolve(segment, ids, step)
+        with self._lock:
+            return self._members.setdefault((segment_id, generation), ids)
+
+    def _evolve(self, segment: SimSegment, previous: ContactIds, generation: int) -> ContactIds:
+        """Generation n from n-1: a seeded `churn` share leaves, and new, higher ids join."""
+        hashed = _mix(previous.astype(np.uint64), _seed_of(self.seed, segment.id, generation))
+        leaving = hashed % np.uint64(1 << 20) < np.uint64(round(segment.churn * (1 << 20)))
+        staying = previous[~leaving]
+        joining = max(0, round(previous.size * (1 + segment.growth)) - staying.size)
+        rng = np.random.default_rng(_seed_of(self.seed, segment.id, generation, "join"))
+        start = int(previous[-1]) if previous.size else 0
+        joined = start + np.cumsum(rng.integers(1, 16, size=joining, dtype=np.int64))
+        return np.concatenate([staying, joined])
 
     def key_values(self, contact_ids: ContactIds, key: str) -> npt.NDArray[np.int64]:
         """The value each contact has for a sort key, as comparable integers."""
@@ -111,21 +139,23 @@ class SimAccount:
         hashed = _mix(contact_ids.astype(np.uint64), _seed_of(self.seed, key))
         return (hashed % np.uint64(_CARDINALITY[base])).astype(np.int64)
 
-    def ordered(self, segment_id: str, sort: str = "id") -> ContactIds:
+    def ordered(self, segment_id: str, sort: str = "id", generation: int = 0) -> ContactIds:
         """The ground truth: the segment's members in the order the API returns for `sort`."""
         keys = parse_sort(sort, allow_bare_field=True)
         canonical = ",".join(map(str, keys))
+        segment = self.segment(segment_id)
+        generation = generation if segment is not None and segment.evolves else 0
         with self._lock:
-            cached = self._orders.get((segment_id, canonical))
+            cached = self._orders.get((segment_id, canonical, generation))
             if cached is not None:
-                self._orders.move_to_end((segment_id, canonical))
+                self._orders.move_to_end((segment_id, canonical, generation))
                 return cached
-        ids = self.members(segment_id)
+        ids = self.members(segment_id, generation)
         order = _order(ids, keys, self.key_values)
         result = ids[order]
         result.setflags(write=False)
         with self._lock:
-            self._orders[(segment_id, canonical)] = result
+            self._orders[(segment_id, canonical, generation)] = result
             while len(self._orders) > 16:
                 self._orders.popitem(last=False)
         return result
@@ -145,10 +175,10 @@ def demo_account(seed: int = 0) -> SimAccount:
     return SimAccount(
         seed=seed,
         segments=[
-            SimSegment("1", "Newsletter subscribers", 25_001),
+            SimSegment("1", "Newsletter subscribers", 25_001, churn=0.02, growth=0.01),
             SimSegment("2", "Unsubscribed last week (empty)", 0),
             SimSegment("3", "Single VIP", 1),
-            SimSegment("4", "Recent signups", 9_999),
+            SimSegment("4", "Recent signups", 9_999, churn=0.1, growth=-0.03),
             SimSegment("5", "Exactly one page", 10_000),
             SimSegment("6", "One page and one", 10_001),
             SimSegment("1ab85f0e-3b5c-4a35-bc07-242c68a7d195132", "Engaged (UUID id)", 250_000),

@@ -94,6 +94,7 @@ class SimRun:
     sort: str
     started_at: float  # simulator clock, epoch seconds
     ready_at: float
+    generation: int = 0  # the segment's membership this run computes (see SimSegment.churn)
 
 
 class _InjectedResetError(Exception):
@@ -152,6 +153,7 @@ class Simulator:
         self.config = config or SimulatorConfig()
         self.faults = self.config.faults
         self.runs: dict[str, SimRun] = {}
+        self._runs_started: Counter[str] = Counter()  # per segment: its next run's generation
         self._clock_offset = 0.0
         self._rng = random.Random(self.config.seed)  # noqa: S311  # reproducible faults, not secrets
         self._lock = threading.Lock()
@@ -181,9 +183,17 @@ class Simulator:
             self._rng.seed(seed)
             self._burst_left = 0
 
-    def truth(self, segment_id: str, sort: str = "id") -> list[int]:
-        """The exact list a complete read of a run of this segment in this sort must give."""
-        return [int(x) for x in self.account.ordered(segment_id, sort)]
+    def truth(self, segment_id: str, sort: str = "id", generation: int | None = None) -> list[int]:
+        """The exact list a complete read of a run of this segment in this sort must give: of its
+        latest run unless `generation` says which (an evolving segment changes from run to run)."""
+        return [int(x) for x in self.account.ordered(segment_id, sort, self.generation(segment_id, generation))]
+
+    def generation(self, segment_id: str, generation: int | None = None) -> int:
+        """The membership generation of the segment's latest run (0 before any)."""
+        if generation is not None:
+            return generation
+        with self._lock:
+            return max(0, self._runs_started[segment_id] - 1)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -212,7 +222,10 @@ class Simulator:
         now = self.now()
         run_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
         ready_after = self.config.ready_after if segment.ready_after is None else segment.ready_after
-        run = SimRun(run_id, segment, sort, started_at=now, ready_at=now + ready_after)
+        with self._lock:
+            generation = self._runs_started[segment.id] if segment.evolves else 0
+            self._runs_started[segment.id] += 1
+        run = SimRun(run_id, segment, sort, started_at=now, ready_at=now + ready_after, generation=generation)
         self.runs[run_id] = run
         return run
 
@@ -244,7 +257,7 @@ class Simulator:
         if finished:
             attributes["run_id_end"] = _iso(run.ready_at)
         if ready:
-            ordered = self.account.ordered(run.segment.id, run.sort)
+            ordered = self.account.ordered(run.segment.id, run.sort, run.generation)
             total = int(ordered.size)
             matches = ordered[(page - 1) * page_size : page * page_size].tolist()
             if self.faults.page_faults:
