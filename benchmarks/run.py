@@ -6,7 +6,8 @@ segment, and has every tool read that same run into a DuckDB file, each in a fre
 
 - `ours (client)`: `ActiveCampaignClient.fetch_matches`, then the array into DuckDB;
 - `ours (Dagster)`: the whole path, a Dagster run of `segment_matches` and its checks for the
-  partition (multiprocess executor: the step in its own subprocess) into DuckDB;
+  partition (multiprocess executor: each step in its own subprocess) into DuckDB;
+- `ours (Dagster, in-process)`: the same run with Dagster's in-process executor (`inproc`);
 - `httpx loop`: a plain sequential paging loop with a sleep-based throttle;
 - `dlt`: dlt's `rest_api` source (page-number paginator) into dlt's DuckDB destination.
 
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=_ints, default=list(SIZES), help="segment sizes (default: %(default)s)")
     parser.add_argument("--latencies", type=_ints, default=list(LATENCIES), help="ms (default: %(default)s)")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="of ours,whole,loop,dlt (default: all)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="of ours,whole,inproc,loop,dlt (default: all)")
     parser.add_argument("--no-parallel", action="store_true", help="skip the two parallel Dagster runs")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     args = parser.parse_args(argv)
