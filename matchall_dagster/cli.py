@@ -150,9 +150,10 @@ def changes(segment_id: str, since: str | None, database: Path | None, contacts:
     import duckdb
 
     from matchall_dagster import history
+    from matchall_dagster.storage import duckdb_path
 
     start = _parse_since(since) if since else None
-    path = database or Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb"
+    path = database or Path(duckdb_path())
     if not path.is_file():
         _fail(f"No DuckDB file at {path}. Give --database, or set MATCHALL_DUCKDB_PATH or DAGSTER_HOME as Dagster's.")
     try:

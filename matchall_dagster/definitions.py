@@ -2,29 +2,33 @@
 
 Data flow: segment_discovery_sensor (partitions) -> match_all_kickoff_schedule / job (runs
 started, recorded as pending) -> match_all_readiness_sensor (polls) -> segment_matches (pages
-read into DuckDB) -> matches_complete (rows checked).
+read into DuckDB) -> matches_complete (rows checked) -> membership_changes_automation ->
+segment_membership_changes (joined/left appended in DuckDB) -> membership_change_plausible.
 """
 
 from __future__ import annotations
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.assets import segment_matches
+from matchall_dagster.changes import membership_changes_sensor, segment_membership_changes
 from matchall_dagster.checks import matches_complete, run_not_expired, run_not_failed
 from matchall_dagster.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
 from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.sensors import match_all_readiness_sensor, segment_discovery_sensor
-from matchall_dagster.storage import MatchallDuckDBIOManager, duckdb_path
+from matchall_dagster.storage import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager, duckdb_path
 
 
 def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
     """The project's definitions; `duckdb_database` overrides MATCHALL_DUCKDB_PATH (for tests)."""
+    database = duckdb_database or duckdb_path()
     return dg.Definitions(
-        assets=[segment_matches],
+        assets=[segment_matches, segment_membership_changes],
         asset_checks=[run_not_failed, run_not_expired, matches_complete],
         jobs=[match_all_kickoff_job],
         schedules=[match_all_kickoff_schedule],
-        sensors=[segment_discovery_sensor, match_all_readiness_sensor],
+        sensors=[segment_discovery_sensor, match_all_readiness_sensor, membership_changes_sensor],
         # One process per run: every Dagster process costs about 200 MiB and 2-3 s of imports
         # before any data, and a run's steps (the asset, then its checks) never run in parallel
         # anyway, since the API steps share one pool slot. A run of 10,000,000 members peaks at
@@ -41,7 +45,9 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
             ),
             # Swap in the pandas IO manager of a warehouse (Snowflake, BigQuery, ...) here; the asset
             # declares its partition column as `partition_expr`.
-            "io_manager": MatchallDuckDBIOManager(database=duckdb_database or duckdb_path(), schema="main"),
+            "io_manager": MatchallDuckDBIOManager(database=database, schema="main"),
+            # The membership history is computed in SQL in the same file, under the same memory cap.
+            "duckdb": DuckDBResource(database=database, connection_config={"memory_limit": DEFAULT_MEMORY_LIMIT}),
         },
     )
 
