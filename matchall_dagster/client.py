@@ -654,10 +654,9 @@ class _Layout:
                 f"{where} disagrees with the first page (total {page.total} vs {self.total}, "
                 f"per_page {page.per_page} vs {self.per_page}, current_page {page.current_page})."
             )
-        if len(run.matches) != expected:
-            raise InconsistentResultError(f"{where} holds {len(run.matches)} ids where {expected} were due.")
-        ids = np.fromiter(run.matches, dtype=np.int64, count=len(run.matches))
-        return MatchPage(run=run.model_copy(update={"matches": None}), contact_ids=ids)
+        if ids.size != expected:
+            raise InconsistentResultError(f"{where} holds {ids.size} ids where {expected} were due.")
+        return MatchPage(run=run if run.matches is None else run.model_copy(update={"matches": None}), contact_ids=ids)
 
 
 _DUPLICATE_CHUNK = 1 << 16  # ids per step of the duplicate count: its temporaries stay at a few hundred KB
