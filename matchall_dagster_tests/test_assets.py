@@ -243,29 +243,23 @@ def test_a_sort_change_mid_read_is_read_again_from_the_first_page(
     run = other.start_run("25001", sort="email")
     server.simulator.advance_clock(31)  # ready
     seen = {"rekicked": False, "advanced": False}
-    get_run = ActiveCampaignClient.get_run
+    get_page = ActiveCampaignClient._get_page
 
-    def get_run_meeting_someone_else(
-        self: ActiveCampaignClient,
-        segment_id: str,
-        run_id: str,
-        *,
-        sort: str = "id",
-        page: int = 1,
-        page_size: int | None = None,
-    ) -> MatchAllRun:
+    def page_meeting_someone_else(
+        self: ActiveCampaignClient, segment_id: str, run_id: str, *, sort: str, page: int, page_size: int
+    ) -> tuple[MatchAllRun, Any]:
         if self is not other and page == 3 and not seen["rekicked"]:
             # Someone else asks the same run for another sort, and back: the run searches again.
             seen["rekicked"] = True
             other.get_run(segment_id, run_id, sort="-email")
             other.get_run(segment_id, run_id, sort="email")
-        answer = get_run(self, segment_id, run_id, sort=sort, page=page, page_size=page_size)
-        if self is not other and seen["rekicked"] and not answer.is_ready and not seen["advanced"]:
+        answer = get_page(self, segment_id, run_id, sort=sort, page=page, page_size=page_size)
+        if self is not other and seen["rekicked"] and not answer[0].is_ready and not seen["advanced"]:
             seen["advanced"] = True  # the asset saw the run not ready mid-read; let the search finish
             server.simulator.advance_clock(31)
         return answer
 
-    monkeypatch.setattr(ActiveCampaignClient, "get_run", get_run_meeting_someone_else)
+    monkeypatch.setattr(ActiveCampaignClient, "_get_page", page_meeting_someone_else)
     with other:
         result = materialize_segment(
             defs,
