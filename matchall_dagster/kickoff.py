@@ -170,6 +170,7 @@ def start_match_all_runs(
     context.log.info(
         f"Started runs for {started} of {len(segment_ids)} segment(s)"
         + (f" ({len(segment_ids) - len(todo)} started by an earlier attempt)." if done else ".")
+        + " The readiness sensor polls them from its next tick and materializes each once it is ready."
     )
     if failures:
         raise dg.Failure(

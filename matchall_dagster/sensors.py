@@ -390,6 +390,8 @@ class TickReport:
     stopped: str = ""
 
     def describe(self) -> str:
+        if not self.waiting and not self.polled:
+            return "No runs pending; waiting for the next kick-off (or a new segment)."
         text = (
             f"{self.waiting} run(s) waiting after this tick; polled {self.polled} "
             f"({self.new_taken} new), {self.requests} request(s)"
@@ -505,12 +507,19 @@ def match_all_readiness_sensor(
             fresh_done = run.storage_id if item.fresh else fresh_done
             cursor.waiting.pop(run.storage_id, None)
             if decision.step is Step.MATERIALIZE:
-                context.log.info(f"Run {run.run_id} of segment {run.segment_id} is ready; materializing it.")
+                context.log.info(
+                    f"Run {run.run_id} of segment {run.segment_id} is ready; launching the materialization of "
+                    f"partition {run.segment_id}."
+                )
                 requests.append(materialize_request(decision.run))
             elif decision.step is Step.WAIT:
                 cursor.waiting[run.storage_id] = (decision.run.next_poll_at, decision.run.polls)
             elif decision.step is Step.EXPIRED:
-                context.log.warning(f"Run {run.run_id} of segment {run.segment_id} is gone (404); checking it.")
+                context.log.warning(
+                    f"Run {run.run_id} of segment {run.segment_id} expired (404) before it could be read; "
+                    f"recording it on the check run_not_expired. The next kick-off starts a new run; to read the "
+                    f"segment sooner, materialize partition {run.segment_id} by hand."
+                )
                 requests.append(check_request(run, RUN_NOT_EXPIRED))
             else:
                 requests.append(check_request(run, RUN_NOT_FAILED))
@@ -528,6 +537,7 @@ def match_all_readiness_sensor(
                         if retrying
                         else "giving up until the next kick-off."
                     )
+                    + " Runs that keep failing point to the segment's definition: open it in ActiveCampaign."
                 )
     finally:
         report.requests = client.requests_sent
