@@ -1,8 +1,8 @@
 """Peak memory of materializing multi-million-member segments through Dagster into DuckDB.
 
 Each run is the real thing: `dagster asset materialize --select segment_matches --partition ...`
-(the project's definitions, Dagster's multiprocess executor: the run process starts a process per
-step) with a temporary DAGSTER_HOME, against the simulator serving the segments from a process of
+(the project's definitions and executor: in-process, every step in the run's process) with a
+temporary DAGSTER_HOME, against the simulator serving the segments from a process of
 its own without a rate limit (the client runs at 1,000 requests/s, 8 pages in flight). A sampler
 reads the resident memory (RSS) of the run process and of every process below it every 20 ms;
 each process's own peak is its kernel high-water mark (VmHWM), the tree's is the largest sum seen
@@ -179,14 +179,9 @@ def _serve_simulator(spec: Sequence[str]) -> None:
         sys.stdin.read()  # until the parent closes our stdin
 
 
-def _run_config(executor: str) -> str:
+def _run_config() -> str:
     env = {"api_url": {"env": "ACTIVECAMPAIGN_API_URL"}, "api_key": {"env": "ACTIVECAMPAIGN_API_KEY"}}
-    return json.dumps(
-        {
-            "execution": {"config": {executor: {}}},
-            "resources": {"activecampaign": {"config": {**env, "requests_per_second": 1000}}},
-        }
-    )
+    return json.dumps({"resources": {"activecampaign": {"config": {**env, "requests_per_second": 1000}}}})
 
 
 def _add_partitions(home: Path, segment_ids: Sequence[str]) -> None:
@@ -221,7 +216,7 @@ def _rows(database: Path) -> dict[str, int]:
 
 
 def run_scenario(
-    name: str, simulator: SimulatorProcess, segment_ids: Sequence[str], size: int, executor: str = "multiprocess"
+    name: str, simulator: SimulatorProcess, segment_ids: Sequence[str], size: int, executor: str = "in_process"
 ) -> Scenario:
     """Materialize the segments, each in a run of its own, all at once, in a fresh instance."""
     with tempfile.TemporaryDirectory(prefix="matchall-memory-") as folder:
@@ -254,7 +249,7 @@ def run_scenario(
                 "-m",
                 "matchall_dagster.definitions",
                 "--config-json",
-                _run_config(executor),
+                _run_config(),
             ]
             logs.append((home / f"run-{segment_id}.log").open("wb"))
             child = subprocess.Popen(command, env=env, cwd=home, stdout=logs[-1], stderr=subprocess.STDOUT)  # noqa: S603
@@ -303,12 +298,9 @@ def _other_role(cmdline: str) -> str:
     return f"other ({cmdline[:60]})"
 
 
-def measure(size: int = 10_000_000, parallel: int = 2, executor: str = "multiprocess") -> list[Scenario]:
-    """One segment of `size` members alone, then `parallel` different ones at once.
-
-    `executor` is Dagster's: "multiprocess" (the default of the project's Definitions: a process
-    per step) or "in_process" (every step in the run process).
-    """
+def measure(size: int = 10_000_000, parallel: int = 2, executor: str = "in_process") -> list[Scenario]:
+    """One segment of `size` members alone, then `parallel` different ones at once, each run with
+    the project's executor (`executor` only labels it: the definitions choose in-process)."""
     segment_ids = [f"bench{index + 1}" for index in range(max(parallel, 1))]
     simulator = SimulatorProcess(dict.fromkeys(segment_ids, size))
     try:
@@ -348,16 +340,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000_000, help="members a segment (default 10,000,000)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once in the second scenario (default 2)")
-    parser.add_argument(
-        "--executor", choices=("multiprocess", "in_process"), default="multiprocess", help="Dagster's executor"
-    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead")
     parser.add_argument("--serve-simulator", nargs="+", metavar="ID:SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_simulator:
         _serve_simulator(args.serve_simulator)
         return
-    scenarios = measure(args.size, args.parallel, args.executor)
+    scenarios = measure(args.size, args.parallel)
     if args.json:
         print(json.dumps([asdict(scenario) for scenario in scenarios], indent=2))
     else:

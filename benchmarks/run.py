@@ -6,8 +6,9 @@ segment, and has every tool read that same run into a DuckDB file, each in a fre
 
 - `ours (client)`: `ActiveCampaignClient.fetch_matches`, then the array into DuckDB;
 - `ours (Dagster)`: the whole path, a Dagster run of `segment_matches` and its checks for the
-  partition (multiprocess executor: each step in its own subprocess) into DuckDB;
-- `ours (Dagster, in-process)`: the same run with Dagster's in-process executor (`inproc`);
+  partition with the project's executor (in-process: every step in the run's process) into DuckDB;
+- `ours (Dagster, multiprocess)`: the same run with Dagster's multiprocess executor, each step in a
+  subprocess of its own (`multiproc`), to show what the project saves by not using it;
 - `httpx loop`: a plain sequential paging loop with a sleep-based throttle;
 - `dlt`: dlt's `rest_api` source (page-number paginator) into dlt's DuckDB destination.
 
@@ -52,11 +53,11 @@ ACCOUNT_LIMIT = 5.0
 PAGE_SIZE = 10_000
 SIZES = (100_000, 1_000_000, 10_000_000)
 LATENCIES = (0, 400)
-TOOLS = ("ours", "whole", "inproc", "loop", "dlt")
+TOOLS = ("ours", "whole", "multiproc", "loop", "dlt")
 LABELS = {
     "ours": "ours (client)",
     "whole": "ours (Dagster)",
-    "inproc": "ours (Dagster, in-process)",
+    "multiproc": "ours (Dagster, multiprocess)",
     "loop": "httpx loop",
     "dlt": "dlt rest_api",
     "whole x2": "ours (Dagster) x2",
@@ -89,7 +90,7 @@ def plan(sizes: Sequence[int], latencies: Sequence[int], tools: Sequence[str], p
     for limit in (True, False):
         for latency in latencies:
             for size in sizes:
-                chosen = [tool for tool in tools if tool not in ("dlt", "inproc") or size <= DLT_MAX_SIZE]
+                chosen = [tool for tool in tools if tool not in ("dlt", "multiproc") or size <= DLT_MAX_SIZE]
                 if limit and size > 1_000_000:
                     # Rate-bound: 200 s a tool. Ours at 400 ms only; the peers' ratio is that of 1M.
                     if latency != max(latencies):
@@ -268,7 +269,7 @@ class Bench:
             DAGSTER_HOME=str(home),
             MATCHALL_BENCH_DB=str(db),
             MATCHALL_BENCH_RPS=str(ACCOUNT_LIMIT if sim.limit else 1000),
-            MATCHALL_BENCH_EXECUTOR="in_process" if tool == "inproc" else "multiprocess",
+            MATCHALL_BENCH_EXECUTOR="multiprocess" if tool == "multiproc" else "project",
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         )
         return env
@@ -288,7 +289,7 @@ class Bench:
         commands = []
         for segment, run_id in zip(segments, run_ids, strict=True):
             arguments = ["--segment", segment, "--run-id", run_id]
-            if tool.startswith("whole") or tool == "inproc":
+            if tool.startswith("whole") or tool == "multiproc":
                 commands.append([sys.executable, "-m", "benchmarks.whole_path", *arguments])
             else:
                 rps = str(ACCOUNT_LIMIT if scenario.limit else 0)
@@ -423,7 +424,7 @@ def table_rows(rows: Sequence[Row]) -> list[tuple[str, ...]]:
             versus = " / ".join(f"{row.wall_s / other.wall_s:.2f}x" if other else "-" for other in ours)
         elif row.tool == "ours" and "client_million_ids_per_cpu_s" in row.detail:
             versus = f"read {row.detail['read_s']:.1f} s, {row.detail['client_million_ids_per_cpu_s']:.1f} M ids/CPU s"
-        elif row.tool in ("whole", "whole x2", "inproc") and "read_s" in row.detail:
+        elif row.tool in ("whole", "whole x2", "multiproc") and "read_s" in row.detail:
             versus = f"read {row.detail['read_s']:.1f} s"
         if not row.ok:
             versus = f"WRONG/FAILED {versus}"
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=_ints, default=list(SIZES), help="segment sizes (default: %(default)s)")
     parser.add_argument("--latencies", type=_ints, default=list(LATENCIES), help="ms (default: %(default)s)")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="of ours,whole,inproc,loop,dlt (default: all)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="of ours,whole,multiproc,loop,dlt (default: all)")
     parser.add_argument("--no-parallel", action="store_true", help="skip the two parallel Dagster runs")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     args = parser.parse_args(argv)

@@ -3,9 +3,9 @@
 `python -m benchmarks.whole_path --segment ID --run-id RUN` (with DAGSTER_HOME, the simulator's
 ACTIVECAMPAIGN_API_URL/KEY, MATCHALL_BENCH_DB and MATCHALL_BENCH_RPS in the environment) launches
 what the readiness sensor launches: the asset and its checks for the partition, with the run id,
-through the project's definitions and IO manager, on Dagster's default multiprocess executor
-(each step in a subprocess of its own, as under `dagster dev`; MATCHALL_BENCH_EXECUTOR=in_process
-runs them in the run's process). Only the activecampaign resource's requests_per_second differs:
+through the project's definitions, executor (in-process) and IO manager;
+MATCHALL_BENCH_EXECUTOR=multiprocess runs each step in a subprocess of its own instead.
+Only the activecampaign resource's requests_per_second differs:
 the benchmark's, since the project gives runs 4 of the account's 5 requests/s and keeps 1 for its
 sensors. Prints one JSON line.
 """
@@ -27,7 +27,7 @@ from matchall_dagster.resource import ActiveCampaignResource
 
 RPS_VARIABLE = "MATCHALL_BENCH_RPS"
 DB_VARIABLE = "MATCHALL_BENCH_DB"
-# "in_process": the run's steps in the run process, to show what the step subprocesses cost.
+# "multiprocess": each step in a subprocess of its own, to show what the project's in-process saves.
 EXECUTOR_VARIABLE = "MATCHALL_BENCH_EXECUTOR"
 JOB = "bench_segment_matches"
 
@@ -41,7 +41,7 @@ def bench_definitions() -> dg.Definitions:
             dg.define_asset_job(
                 JOB,
                 selection=dg.AssetSelection.assets(segment_matches),
-                executor_def=dg.in_process_executor if os.environ.get(EXECUTOR_VARIABLE) == "in_process" else None,
+                executor_def=dg.multiprocess_executor if os.environ.get(EXECUTOR_VARIABLE) == "multiprocess" else None,
             )
         ],
         resources={
