@@ -28,8 +28,10 @@ def materialize(connection: Any, segment_id: str, contact_ids: list[int] | np.nd
     """What the IO manager does for a partition: replace its rows."""
     ids = np.asarray(contact_ids, dtype=np.int64)
     frame = pd.DataFrame({"segment_id": segment_id, "position": np.arange(1, ids.size + 1), "contact_id": ids})
+    connection.register("incoming", frame)
     connection.execute("delete from segment_matches where segment_id = ?", [segment_id])
-    connection.execute("insert into segment_matches select * from frame")
+    connection.execute("insert into segment_matches select * from incoming")
+    connection.unregister("incoming")
 
 
 def changes(connection: Any, segment_id: str, run_id: str) -> tuple[set[int], set[int]]:
