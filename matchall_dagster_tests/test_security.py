@@ -302,9 +302,8 @@ class EchoServer(LocalServer):
 def dagster_command(
     args: list[str], env: Mapping[str, str], run_config: Mapping[str, Any], config_file: Path
 ) -> subprocess.CompletedProcess[bytes]:
-    """`dagster ... -m matchall_dagster.definitions`, its steps in one process (its compute log)."""
-    config = {"execution": {"config": {"in_process": {}}}, **run_config}
-    config_file.write_text(json.dumps(config))  # JSON is YAML; `job execute` takes files only
+    """`dagster ... -m matchall_dagster.definitions` (the project's executor: its steps in one process)."""
+    config_file.write_text(json.dumps(run_config))  # JSON is YAML; `job execute` takes files only
     command = [sys.executable, "-m", "dagster", *args, "-m", "matchall_dagster.definitions", "-c", str(config_file)]
     return subprocess.run(command, env=dict(env), capture_output=True, timeout=180, check=False)
 
