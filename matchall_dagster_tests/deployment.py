@@ -51,7 +51,8 @@ PG_HOST = "127.0.0.1"
 PG_PORT = 5432
 PG_USER = "postgres"  # trust authentication on the test server: no password
 
-READY_SEGMENTS = ("201", "202", "203")
+EVOLVING_SEGMENT = "204"
+READY_SEGMENTS = ("201", "202", "203", EVOLVING_SEGMENT)
 FAILING_SEGMENT = "209"
 EXPIRING_SEGMENT = "210"
 STOP_GRACE_SECONDS = 10.0
@@ -59,14 +60,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Dagster's colored log format
 
 
 def deployment_account() -> SimAccount:
-    """Small segments that become ready in seconds (one of two pages, one empty), one whose runs
-    fail, and one whose runs are gone (404) before the readiness sensor's first poll."""
+    """Small segments that become ready in seconds (one of two pages, one empty, one whose
+    membership changes from run to run: a tenth leaves and the size grows by 5%, so that its
+    size-over-time plot moves), one whose runs fail, and one whose runs are gone (404) before the
+    readiness sensor's first poll."""
     return SimAccount(
         seed=11,
         segments=[
             SimSegment("201", "Newsletter (small)", 1_234),
             SimSegment("202", "Two pages", 10_001),
             SimSegment("203", "Empty", 0),
+            SimSegment(EVOLVING_SEGMENT, "Evolving membership", 3_000, churn=0.1, growth=0.05),
             SimSegment(FAILING_SEGMENT, "Broken definition", 40, behavior=Behavior.FAIL, ready_after=1.0),
             SimSegment(
                 EXPIRING_SEGMENT,
@@ -210,6 +214,7 @@ class Deployment:
     duckdb_path: Path
     postgres_db: str  # created for this session, dropped at the end
     ready_segments: list[str]
+    evolving_segment: str  # one of ready_segments: each run of it sees the next generation
     failing_segment: str
     expiring_segment: str | None
     simulator: Simulator
@@ -340,6 +345,7 @@ def _started(artifacts: Path) -> Iterator[Deployment]:
             duckdb_path=duckdb_path,
             postgres_db=database,
             ready_segments=list(READY_SEGMENTS),
+            evolving_segment=EVOLVING_SEGMENT,
             failing_segment=FAILING_SEGMENT,
             expiring_segment=EXPIRING_SEGMENT,
             simulator=server.simulator,

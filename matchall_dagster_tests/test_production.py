@@ -17,11 +17,13 @@ import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config  # what loading DAGSTER_HOME runs
 
+from matchall_dagster.changes import CHANGES_KEY, membership_changes_sensor
 from matchall_dagster.checks import API_POOL, ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.definitions import defs as project_defs
+from matchall_dagster.history import CHANGES_TABLE, JOINED, LEFT, STEPS_TABLE
 from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.sensors import SENSOR_REQUESTS_PER_SECOND
-from matchall_dagster.simulator import DEFAULT_TOKEN
+from matchall_dagster.simulator import DEFAULT_TOKEN, Simulator
 from matchall_dagster.storage import TABLE
 from matchall_dagster_tests import deployment as harness
 from matchall_dagster_tests.deployment import DEPLOY_CONFIG, REPO, Deployment, database_exists, free_port
@@ -34,9 +36,13 @@ SECRET_WORDS = ("password", "secret", "token", "api_key", "apikey", "credential"
 SCHEDULE = "match_all_kickoff_schedule"
 DISCOVERY = "segment_discovery_sensor"
 READINESS = "match_all_readiness_sensor"
+CHANGES_SENSOR = membership_changes_sensor.name
 # About 90 s on 2 idle cores; a loaded machine (other test sessions) has needed 190 s. The test's
 # own pytest time-out leaves room for the stack's start and stop.
 E2E_TIMEOUT = 330.0
+# The evolving segment's second step of membership changes: the next kick-off (every minute) and
+# the automation sensor's next evaluation (every 30 s) after the outcome above.
+CHANGES_TIMEOUT = 240.0
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -201,22 +207,91 @@ def _ticks(instance: dg.DagsterInstance) -> dict[str, list[Any]]:
     }
 
 
-def _duckdb_rows(path: Path) -> dict[str, list[int]]:
-    """The stored members per segment, in position order; retried while a run holds the file."""
+def _duckdb_query(path: Path, *queries: str) -> list[list[tuple[Any, ...]]]:
+    """The rows of each query, read in one transaction (one snapshot); retried while a run holds
+    the file (DuckDB lets one process at a time open it for writing)."""
     for _ in range(30):
         try:
             with duckdb.connect(str(path), read_only=True) as connection:
-                rows = connection.execute(
-                    f"select segment_id, contact_id from main.{TABLE} order by segment_id, position"
-                ).fetchall()
-        except duckdb.IOException:  # a run is writing: DuckDB lets one process open it for writing
+                connection.begin()
+                return [connection.execute(query).fetchall() for query in queries]
+        except duckdb.IOException:
             time.sleep(0.5)
-            continue
-        members: dict[str, list[int]] = {}
-        for segment_id, contact_id in rows:
-            members.setdefault(segment_id, []).append(int(contact_id))
-        return members
     raise AssertionError(f"{path} stayed locked by a run for 15 s")
+
+
+def _duckdb_rows(path: Path) -> dict[str, list[int]]:
+    """The stored members per segment, in position order."""
+    (rows,) = _duckdb_query(path, f"select segment_id, contact_id from main.{TABLE} order by segment_id, position")
+    members: dict[str, list[int]] = {}
+    for segment_id, contact_id in rows:
+        members.setdefault(segment_id, []).append(int(contact_id))
+    return members
+
+
+def _materialized_truth(instance: dg.DagsterInstance, simulator: Simulator, segments: list[str]) -> dict[str, Any]:
+    """segment -> (storage id of its latest materialization, the simulator's list for that
+    materialization's run: its sort and its generation, which for an evolving segment is not the
+    latest run's)."""
+    truth: dict[str, Any] = {}
+    for segment_id in segments:
+        record = _latest_materialization(instance, segment_id)
+        assert record is not None
+        assert record.asset_materialization is not None
+        metadata = {key: value.value for key, value in record.asset_materialization.metadata.items()}
+        generation = simulator.runs[str(metadata["run_id"])].generation
+        truth[segment_id] = (record.storage_id, simulator.truth(segment_id, str(metadata["sort"]), generation))
+    return truth
+
+
+def _stored_rows_match_materializations(deployment: Deployment, instance: dg.DagsterInstance) -> dict[str, list[int]]:
+    """DuckDB's rows of each ready segment, once they equal the simulator's list for the run of
+    the segment's latest materialization, read before and after the rows (so that no
+    materialization came in between). The stack keeps materializing every minute, and a run
+    writes its rows a moment before its materialization is recorded: a mismatch is retried for a
+    while, then fails."""
+    segments = deployment.ready_segments
+    deadline = time.monotonic() + 60
+    while True:
+        before = _materialized_truth(instance, deployment.simulator, segments)
+        stored = _duckdb_rows(deployment.duckdb_path)
+        after = _materialized_truth(instance, deployment.simulator, segments)
+        expected = {segment: truth for segment, (_, truth) in after.items()}
+        if before == after and stored == {k: v for k, v in expected.items() if v}:
+            return expected
+        if time.monotonic() > deadline:
+            differing = sorted(k for k in segments if stored.get(k, []) != expected[k])
+            raise AssertionError(
+                f"DuckDB's rows of segments {differing} are not the simulator's lists for the runs of their latest "
+                f"materializations; see {deployment.artifacts}"
+            )
+        time.sleep(1.0)
+
+
+def _changes_materializations(instance: dg.DagsterInstance, segment_id: str) -> list[dg.EventLogRecord]:
+    return list(
+        instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=CHANGES_KEY, asset_partitions=[segment_id]), limit=1_000
+        ).records
+    )
+
+
+def _steps_and_changes(path: Path) -> dict[str, list[tuple[str, int, set[int], set[int]]]]:
+    """segment -> its recorded steps, oldest first: (run_id, members, joined ids, left ids)."""
+    steps, changes = _duckdb_query(
+        path,
+        f"select segment_id, run_id, observed_at, members from main.{STEPS_TABLE} order by segment_id, observed_at",
+        f"select segment_id, run_id, observed_at, change, contact_id from main.{CHANGES_TABLE}",
+    )
+    by_step: dict[tuple[str, str, Any], dict[str, set[int]]] = {}
+    for segment_id, run_id, observed_at, change, contact_id in changes:
+        by_step.setdefault((segment_id, run_id, observed_at), {JOINED: set(), LEFT: set()})[change].add(int(contact_id))
+    recorded: dict[str, list[tuple[str, int, set[int], set[int]]]] = {}
+    for segment_id, run_id, observed_at, members in steps:
+        step = by_step.pop((segment_id, run_id, observed_at), {JOINED: set(), LEFT: set()})
+        recorded.setdefault(segment_id, []).append((run_id, int(members), step[JOINED], step[LEFT]))
+    assert not by_step, f"changes without a step: {sorted(by_step)[:5]}"
+    return recorded
 
 
 def _pool_steps() -> set[str]:
@@ -286,8 +361,9 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
         for record in finished:
             assert record.start_time is not None, f"run {record.dagster_run.run_id} finished without starting"
             tags = record.dagster_run.tags
-            assert tags.get("dagster/sensor_name") in (DISCOVERY, READINESS) or tags.get("dagster/schedule_name") == (
-                SCHEDULE
+            assert (
+                tags.get("dagster/sensor_name") in (DISCOVERY, READINESS, CHANGES_SENSOR)
+                or tags.get("dagster/schedule_name") == SCHEDULE
             ), f"run {record.dagster_run.run_id} was not launched by a sensor or the schedule: {tags}"
         failed = [r.dagster_run.run_id for r in runs if r.dagster_run.status == dg.DagsterRunStatus.FAILURE]
         assert failed == [], f"runs failed: {failed}; see {deployment.artifacts}"
@@ -295,27 +371,29 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
         # The API pool is limited to one step at a time, from deploy/dagster.yaml, and it held:
         # no two API steps of any runs overlapped.
         assert instance.event_log_storage.get_concurrency_info(API_POOL).limit == 1
+        # (The automation sensor's runs compute in DuckDB alone: no API step.)
+        api_runs = [r for r in finished if r.dagster_run.tags.get("dagster/sensor_name") != CHANGES_SENSOR]
         intervals = _pool_step_intervals(instance, [r.dagster_run.run_id for r in finished])
-        assert len(intervals) >= len(finished)
+        assert len(intervals) >= len(api_runs)
         for (_, end, first), (start, _, second) in itertools.pairwise(intervals):
             assert start >= end, f"API steps overlapped: {first} and {second}"
 
         # Each ready segment: materialized by a readiness-sensor run from a ready remote run, in its
-        # sort, complete; its rows in DuckDB are exactly the simulator's truth.
+        # sort, complete; its rows in DuckDB are exactly the simulator's truth for that run (the
+        # evolving segment's membership changes from one run to the next).
         simulator = deployment.simulator
-        expected: dict[str, list[int]] = {}
         for segment_id in deployment.ready_segments:
             materialization = _latest_materialization(instance, segment_id)
             assert materialization is not None
             assert materialization.asset_materialization is not None
             metadata = {key: value.value for key, value in materialization.asset_materialization.metadata.items()}
-            truth = simulator.truth(segment_id, str(metadata["sort"]))
+            generation = simulator.runs[str(metadata["run_id"])].generation
+            truth = simulator.truth(segment_id, str(metadata["sort"]), generation)
             assert metadata["dagster/row_count"] == metadata["page_total"] == len(truth)
             run = instance.get_run_by_id(materialization.run_id)
             assert run is not None
             assert run.tags.get("dagster/sensor_name") == READINESS
             assert run.tags.get("matchall/run_id") == metadata["run_id"]
-            expected[segment_id] = truth
         for never_ready in (deployment.failing_segment, deployment.expiring_segment):
             if never_ready is not None:
                 assert _latest_materialization(instance, never_ready) is None
@@ -335,8 +413,56 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
                 if check_name == RUN_NOT_FAILED:
                     assert simulator.runs[run.tags["matchall/run_id"]].segment.id == judged_segment
 
-    # DuckDB holds exactly the truth of every ready segment, nothing of the others.
-    assert _duckdb_rows(deployment.duckdb_path) == {k: v for k, v in expected.items() if v}
+        # DuckDB holds exactly the truth of every ready segment, nothing of the others.
+        _stored_rows_match_materializations(deployment, instance)
+
+        # segment_membership_changes follows each ready segment, computed by the automation sensor
+        # alone; the evolving segment has changed at least once.
+        evolving = deployment.evolving_segment
+        deployment.wait_for(
+            lambda: (
+                all(_changes_materializations(instance, s) for s in deployment.ready_segments)
+                and len(_changes_materializations(instance, evolving)) >= 2
+            ),
+            timeout=CHANGES_TIMEOUT,
+            what=f"segment_membership_changes of every ready segment, twice for the evolving segment {evolving}",
+        )
+        changes_waited = time.monotonic() - started - waited
+        changes_records = {s: _changes_materializations(instance, s) for s in deployment.ready_segments}
+        for segment_id, records in changes_records.items():
+            for change in records:
+                run = instance.get_run_by_id(change.run_id)
+                assert run is not None
+                assert run.tags.get("dagster/sensor_name") == CHANGES_SENSOR, (segment_id, run.tags)
+                assert run.status == dg.DagsterRunStatus.SUCCESS
+        for never_ready in (deployment.failing_segment, deployment.expiring_segment):
+            if never_ready is not None:
+                assert _changes_materializations(instance, never_ready) == []
+        materialized_runs = {
+            s: {str(r.asset_materialization.metadata["run_id"].value) for r in records if r.asset_materialization}
+            for s, records in changes_records.items()
+        }
+
+    # Each step in DuckDB is exactly the difference between the simulator's generations of the
+    # runs it compared: the first step's run (everyone joined), then each next step's run.
+    recorded = _steps_and_changes(deployment.duckdb_path)
+    assert sorted(recorded) == sorted(deployment.ready_segments)
+    generations_seen: set[int] = set()
+    for segment_id, steps in recorded.items():
+        assert materialized_runs[segment_id] <= {run_id for run_id, *_ in steps}  # each materialization's step
+        previous: set[int] = set()
+        for run_id, members, joined, left in steps:
+            generation = simulator.runs[run_id].generation
+            current = set(simulator.truth(segment_id, "id", generation))
+            assert members == len(current), (segment_id, run_id)
+            assert joined == current - previous, f"segment {segment_id}, run {run_id}: joined differs"
+            assert left == previous - current, f"segment {segment_id}, run {run_id}: left differs"
+            previous = current
+            if segment_id == evolving:
+                generations_seen.add(generation)
+    evolving_steps = recorded[evolving]
+    assert len(generations_seen) == len(evolving_steps) >= 2
+    assert all(joined and left for _, _, joined, left in evolving_steps[1:]), "the evolving segment did not change"
 
     # The whole deployment stayed within the account's limit: the simulator counts arrivals.
     stats = simulator.stats()
@@ -349,7 +475,8 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
     )
     assert set(data["assetNodeOrError"]["partitionKeys"]) == all_segments
     print(
-        f"\nproduction end to end: outcome {waited:.0f} s after the stack was up; {len(runs)} runs, "
+        f"\nproduction end to end: outcome {waited:.0f} s after the stack was up, membership changes "
+        f"{changes_waited:.0f} s later ({len(evolving_steps)} steps of segment {evolving}); {len(runs)} runs, "
         f"{len(intervals)} API steps one at a time; {stats['requests']} API requests, at most "
         f"{stats['max_requests_in_any_second']} in any second"
     )
