@@ -34,6 +34,7 @@ JOB = "bench_segment_matches"
 
 def bench_definitions() -> dg.Definitions:
     project = build_definitions(duckdb_database=os.environ[DB_VARIABLE])
+    assert project.executor is dg.in_process_executor, "the benchmark runs the project's executor"
     return dg.Definitions(
         assets=project.assets,
         asset_checks=project.asset_checks,
@@ -41,7 +42,9 @@ def bench_definitions() -> dg.Definitions:
             dg.define_asset_job(
                 JOB,
                 selection=dg.AssetSelection.assets(segment_matches),
-                executor_def=dg.multiprocess_executor if os.environ.get(EXECUTOR_VARIABLE) == "multiprocess" else None,
+                executor_def=dg.multiprocess_executor
+                if os.environ.get(EXECUTOR_VARIABLE) == "multiprocess"
+                else dg.in_process_executor,  # the project's (definitions.py)
             )
         ],
         resources={
