@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
 from dagster._core.scheduler.instigation import TickStatus  # not exported at the top level
+from playwright._impl._sync_base import EventContextManager  # what Page.expect_response returns
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, Response, expect, sync_playwright
 
 from matchall_dagster.kickoff import match_all_kickoff_schedule
 from matchall_dagster.sensors import match_all_readiness_sensor
@@ -123,6 +125,34 @@ def open_ui(base_url: str, artifacts: Path) -> Iterator[UI]:
             yield UI(page, base_url, artifacts)
         finally:
             context.close()
+
+
+def graphql_response(page: Page, operation: str) -> EventContextManager[Response]:
+    """The webserver's answer to the page's next GraphQL query named `operation`: what the UI
+    was given to draw, for a chart whose points live in a canvas rather than in the DOM."""
+
+    def is_operation(response: Response) -> bool:
+        if not urlsplit(response.url).path.endswith("/graphql") or response.request.method != "POST":
+            return False
+        with contextlib.suppress(ValueError, PlaywrightError):
+            body = response.request.post_data_json
+            return isinstance(body, dict) and body.get("operationName") == operation
+        return False
+
+    return page.expect_response(is_operation)
+
+
+def drawn_pixels(canvas: Locator) -> int:
+    """How many pixels of a canvas are not transparent: a chart that drew nothing has none."""
+    count: int = canvas.evaluate(
+        """canvas => {
+            const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+            let drawn = 0;
+            for (let alpha = 3; alpha < data.length; alpha += 4) if (data[alpha]) drawn++;
+            return drawn;
+        }"""
+    )
+    return count
 
 
 # -- holding the automation still -------------------------------------------------------------

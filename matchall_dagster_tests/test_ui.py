@@ -1,7 +1,8 @@
 """The Dagster UI as an analyst uses it, in a real browser (Debian's Chromium) on the production
 stack: the asset graph, the partitions of `segment_matches`, the failed check of the failing
-segment with its run id, and a materialization launched by hand from the launchpad with a sort
-of the analyst's choosing, whose rows are then read from DuckDB.
+segment with its run id, a materialization launched by hand from the launchpad with a sort
+of the analyst's choosing, whose rows are then read from DuckDB, and the plot of the segments'
+sizes over time from `segment_membership_changes`.
 
 What the browser must show is read from the instance first, so the assertions compare the UI
 with the truth rather than with remembered strings. Screenshots go to test-artifacts/ui/.
@@ -24,11 +25,21 @@ import pytest
 import yaml
 from playwright.sync_api import expect
 
+from matchall_dagster.changes import CHANGES_KEY
 from matchall_dagster.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_FAILED
 from matchall_dagster.partitions import segments_partitions
 from matchall_dagster.storage import TABLE
 from matchall_dagster_tests import browser
-from matchall_dagster_tests.browser import CHROMIUM_ARGS, TIMEOUT_MS, UI, automation_paused, open_ui, require_chromium
+from matchall_dagster_tests.browser import (
+    CHROMIUM_ARGS,
+    TIMEOUT_MS,
+    UI,
+    automation_paused,
+    drawn_pixels,
+    graphql_response,
+    open_ui,
+    require_chromium,
+)
 from matchall_dagster_tests.deployment import ARTIFACTS, Deployment
 
 UI_ARTIFACTS = ARTIFACTS / "ui"
@@ -36,6 +47,8 @@ CHOSEN_SORT = "-id"  # descending contact id: easy to verify, and not the sensor
 OUTCOME_TIMEOUT = 300.0
 RUN_TIMEOUT = 300.0
 RUN_ID_TAG = "matchall/run_id"  # the remote (ActiveCampaign) run a Dagster run was launched for
+PLOTTED_STEPS = 3  # materializations of the evolving segment's membership changes before the plot
+SIZE_PLOT = "07-membership-size-plot"
 RUN_URL = re.compile(r"/runs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
@@ -144,6 +157,28 @@ def _outcome_shown(instance: dg.DagsterInstance, deployment: Deployment) -> bool
     return _latest_check_status(instance, RUN_NOT_FAILED).get(deployment.failing_segment) == "FAILED"
 
 
+def _materialization_count(instance: dg.DagsterInstance, asset_key: dg.AssetKey, segment_id: str) -> int:
+    return len(
+        instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[segment_id]), limit=PLOTTED_STEPS
+        ).records
+    )
+
+
+def _history_to_plot(instance: dg.DagsterInstance, deployment: Deployment) -> bool:
+    """The evolving segment has enough steps of membership changes for a plot that moves."""
+    segment = deployment.evolving_segment
+    return all(_materialization_count(instance, key, segment) >= PLOTTED_STEPS for key in (ASSET_KEY, CHANGES_KEY))
+
+
+def _plotted_sizes(instance: dg.DagsterInstance, segment_id: str) -> dict[str, int]:
+    """Dagster run id -> `members` of each materialization of the segment's membership changes."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=CHANGES_KEY, asset_partitions=[segment_id]), limit=100
+    ).records
+    return {record.run_id: int(_metadata(record)["members"]) for record in records}
+
+
 def _stored_members(deployment: Deployment, segment_id: str) -> list[int]:
     """The partition's contact ids in position order; retried while a run holds the file."""
     deadline = time.monotonic() + 60
@@ -166,11 +201,14 @@ def _show_asset_graph(ui: UI, partitions: list[str], materialized: set[str]) -> 
     with ui.step(f"the global asset graph shows segment_matches, its checks, {len(partitions)} partitions, {filled}"):
         ui.goto("/asset-groups")
         expect(page.get_by_text("Global asset lineage")).to_be_visible()
-        node = page.get_by_text("segment_matches", exact=True).filter(visible=True).last
-        expect(node).to_be_visible()
-        expect(page.get_by_text("Asset checks").first).to_be_visible()
-        expect(page.get_by_text(f"{len(partitions)} partitions", exact=True)).to_be_visible()
-        expect(page.get_by_text(filled, exact=True)).to_be_visible()
+        title = page.get_by_text("segment_matches", exact=True).filter(visible=True).last
+        expect(title).to_be_visible()
+        # The innermost box holding the title and its rows is the node (segment_membership_changes,
+        # downstream, shows the same partitions).
+        node = page.locator("div").filter(has=title).filter(has_text="Partitions").last
+        expect(node.get_by_text("Asset checks")).to_be_visible()
+        expect(node.get_by_text(f"{len(partitions)} partitions", exact=True)).to_be_visible()
+        expect(node.get_by_text(filled, exact=True)).to_be_visible()
         ui.shot("01-asset-graph")
 
 
@@ -215,6 +253,40 @@ def _show_failed_check(ui: UI, failing_segment: str, dagster_run_id: str, remote
         page.get_by_role("tab", name="Partitions").last.click()
         expect(page.get_by_text(f"Failed ({failed})", exact=True)).to_be_visible()
         ui.shot("04-check-partitions")
+
+
+def _show_size_plot(ui: UI, segment_id: str, sizes: dict[str, int]) -> dict[str, int]:
+    """Overview > Metadata > Plots > Events: `members` at each materialization of
+    segment_membership_changes over time. (Dagster 1.13 has no per-partition time series: this view
+    plots the asset's latest 100 events of every partition in time order; "Partitions" plots each
+    partition's latest value.) Returns what the page was sent for `segment_id`: run id -> members."""
+    page = ui.page
+    asset = CHANGES_KEY.to_user_string()
+    with ui.step(f"the overview of {asset} switches its metadata to plots"):
+        ui.goto(f"/assets/{asset}?view=overview")
+        # Buttons' accessible names start with their icon's ("asset_plot Plots").
+        page.get_by_role("button", name=re.compile(r"(^|\s)Plots$")).click()
+    with ui.step(f"the plots over time (Events) are fetched with segment {segment_id}'s {len(sizes)} sizes"):
+        with graphql_response(page, "RecentAssetEventsQuery") as response:
+            page.get_by_role("button", name=re.compile(r"(^|\s)Events$")).click()
+        events = response.value.json()["data"]["assetOrError"]["assetEventHistory"]["results"]
+        plotted = {
+            event["runId"]: int(entry["intValue"])
+            for event in events
+            if event["partition"] == segment_id
+            for entry in event["metadataEntries"]
+            if entry["label"] == "members"
+        }
+        assert sizes.items() <= plotted.items(), f"the page plots {plotted}, the instance has {sizes}"
+    with ui.step(f"the members plot is drawn, {len(plotted)} of its points segment {segment_id}'s"):
+        title = page.get_by_text("members", exact=True).filter(visible=True)
+        expect(title).to_have_count(1)
+        chart = title.locator("xpath=../..").locator("canvas")
+        expect(chart).to_be_visible()
+        assert drawn_pixels(chart) > 1_000, "the members chart's canvas is blank"
+        chart.scroll_into_view_if_needed()
+        ui.shot(SIZE_PLOT)
+    return plotted
 
 
 def _launch_with_sort(ui: UI, segment_id: str, sort: str) -> str:
@@ -266,11 +338,13 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
     chromium: None, deployment: Deployment
 ) -> None:
     started = time.monotonic()
+    evolving = deployment.evolving_segment
     with deployment.instance() as instance:
         deployment.wait_for(
-            lambda: _outcome_shown(instance, deployment),
+            lambda: _outcome_shown(instance, deployment) and _history_to_plot(instance, deployment),
             timeout=OUTCOME_TIMEOUT,
-            what="every ready segment materialized and complete, and the failing segment's run_not_failed failed",
+            what="every ready segment materialized and complete, the failing segment's run_not_failed failed, and "
+            f"{PLOTTED_STEPS} materializations of segment_matches and of its membership changes for segment {evolving}",
         )
     outcome_at = time.monotonic()
 
@@ -321,6 +395,10 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
                 expect(ui.page.get_by_text("Success", exact=True).first).to_be_visible()
                 expect(ui.page.get_by_text(f"partition: {chosen}")).to_be_visible()
                 ui.shot("06-run-succeeded")
+            plot_at = time.monotonic()
+            sizes_before = _plotted_sizes(instance, evolving)
+            plotted = _show_size_plot(ui, evolving, sizes_before)
+            sizes_after = _plotted_sizes(instance, evolving)
             screenshots = list(ui.screenshots)
         run_done_at = time.monotonic()
 
@@ -341,11 +419,18 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
     assert all(a > b for a, b in itertools.pairwise(members)), "rows are not in descending id order"
     assert members == deployment.simulator.truth(chosen, CHOSEN_SORT)
 
+    # The plot showed the evolving segment's sizes as the instance records them (a step the
+    # automation sensor finished meanwhile may be on the page), and they moved.
+    assert plotted.items() <= sizes_after.items()
+    assert len(plotted) >= PLOTTED_STEPS
+    assert len(set(plotted.values())) > 1, f"segment {evolving}'s size did not change: {plotted}"
+
     print(
         f"\nUI in Chromium ({' '.join(CHROMIUM_ARGS)}; timeout {TIMEOUT_MS / 1000:.0f} s a step): "
         f"outcome after {outcome_at - started:.0f} s, automation paused and queue drained in "
         f"{paused_at - outcome_at:.0f} s, browser pages {launched_at - paused_at:.0f} s, launched run "
         f"{run_id} (partition {chosen}, sort {CHOSEN_SORT}, {len(members):,} rows) done in "
-        f"{run_done_at - launched_at:.0f} s; total {time.monotonic() - started:.0f} s\nscreenshots:\n"
+        f"{plot_at - launched_at:.0f} s, size plot ({len(plotted)} points of segment {evolving}) "
+        f"{run_done_at - plot_at:.0f} s; total {time.monotonic() - started:.0f} s\nscreenshots:\n"
         + "\n".join(f"  {path}" for path in screenshots)
     )
