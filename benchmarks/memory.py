@@ -33,6 +33,7 @@ import psutil
 SIMULATOR_TOKEN = "simulator-token"  # noqa: S105  # the simulator's public demo token
 MIB = 2**20
 SAMPLE_SECONDS = 0.02
+EXECUTOR = "in_process"  # the project's (definitions.py); the runs take no executor config
 INSTANCE_YAML = """\
 storage:
   sqlite:
@@ -215,9 +216,7 @@ def _rows(database: Path) -> dict[str, int]:
     return {str(segment_id): int(count) for segment_id, count in rows}
 
 
-def run_scenario(
-    name: str, simulator: SimulatorProcess, segment_ids: Sequence[str], size: int, executor: str = "in_process"
-) -> Scenario:
+def run_scenario(name: str, simulator: SimulatorProcess, segment_ids: Sequence[str], size: int) -> Scenario:
     """Materialize the segments, each in a run of its own, all at once, in a fresh instance."""
     with tempfile.TemporaryDirectory(prefix="matchall-memory-") as folder:
         home = Path(folder)
@@ -281,7 +280,7 @@ def run_scenario(
                     processes=processes,
                 )
             )
-        return Scenario(name, size, runs, sampler.total_peak / MIB, _rows(database), executor, simulator.peak_mib)
+        return Scenario(name, size, runs, sampler.total_peak / MIB, _rows(database), EXECUTOR, simulator.peak_mib)
 
 
 def _other_role(cmdline: str) -> str:
@@ -298,15 +297,15 @@ def _other_role(cmdline: str) -> str:
     return f"other ({cmdline[:60]})"
 
 
-def measure(size: int = 10_000_000, parallel: int = 2, executor: str = "in_process") -> list[Scenario]:
+def measure(size: int = 10_000_000, parallel: int = 2) -> list[Scenario]:
     """One segment of `size` members alone, then `parallel` different ones at once, each run with
-    the project's executor (`executor` only labels it: the definitions choose in-process)."""
+    the project's executor."""
     segment_ids = [f"bench{index + 1}" for index in range(max(parallel, 1))]
     simulator = SimulatorProcess(dict.fromkeys(segment_ids, size))
     try:
-        scenarios = [run_scenario("alone", simulator, segment_ids[:1], size, executor)]
+        scenarios = [run_scenario("alone", simulator, segment_ids[:1], size)]
         if parallel > 1:
-            scenarios.append(run_scenario(f"{parallel} in parallel", simulator, segment_ids, size, executor))
+            scenarios.append(run_scenario(f"{parallel} in parallel", simulator, segment_ids, size))
     finally:
         simulator.stop()
     return scenarios

@@ -143,8 +143,9 @@ class SimAccount:
         """The ground truth: the segment's members in the order the API returns for `sort`."""
         keys = parse_sort(sort, allow_bare_field=True)
         canonical = ",".join(map(str, keys))
-        segment = self.segment(segment_id)
-        generation = generation if segment is not None and segment.evolves else 0
+        if generation:  # only runs of evolving segments have one; the lookup stays off the page path
+            segment = self.segment(segment_id)
+            generation = generation if segment is not None and segment.evolves else 0
         with self._lock:
             cached = self._orders.get((segment_id, canonical, generation))
             if cached is not None:
