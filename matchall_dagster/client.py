@@ -236,7 +236,8 @@ class ActiveCampaignClient:
 
         return self._request(
             f"/api/3/segmentMatchAll/{quote(segment_id, safe='')}",
-            {"instant": "1", "sort": sort, "page": 1, "page_size": self.page_size},
+            # `instant` is a flag: the documents' only value for it is the empty string.
+            {"instant": "", "sort": sort, "page": 1, "page_size": self.page_size},
             what=f"starting a run of segment {segment_id!r}",
             parse=parse_run,
             on_not_found=not_found,
@@ -438,22 +439,52 @@ class ActiveCampaignClient:
         raise AssertionError("unreachable")
 
     def list_segments(self, *, page_size: int = 1000) -> list[Segment]:
-        """Every saved segment of the account (`GET /api/3/audiences`; 404 means none)."""
+        """Every saved segment of the account (`GET /api/3/audiences`; a 404 means none).
+
+        Pages are read until one holds fewer than `page_size` items: a page past the end is
+        `data: []`. The same segment on two pages (the list changed while it was read) is kept once.
+        """
         validate_page_size(page_size)
-        segments: list[Segment] = []
+        segments: dict[str, Segment] = {}
         page = 1
         while True:
-            batch, total = self._request(
+            batch = self._request(
                 "/api/3/audiences",
                 {"page": page, "page_size": page_size},
                 what=f"listing segments (page {page})",
                 parse=parse_segments,
                 on_not_found=lambda _: None,
-            ) or ([], 0)
-            segments.extend(batch)
-            if len(batch) < page_size or (total is not None and len(segments) >= total):
-                return segments
+            )
+            for segment in batch or ():
+                segments.setdefault(segment.id, segment)
+            if batch is None or len(batch) < page_size:
+                return list(segments.values())
             page += 1
+
+    def get_segment(self, segment_id: str) -> Segment:
+        """One saved segment's summary (`GET /api/3/audiences/{segmentId}`)."""
+        segment_id = validate_id(segment_id)
+
+        def not_found(_: str) -> ActiveCampaignError:
+            return SegmentNotFoundError(
+                f"ActiveCampaign has no saved segment {segment_id!r} in this account (404). "
+                f"Check the id with `matchall segments`."
+            )
+
+        found = self._request(
+            f"/api/3/audiences/{quote(segment_id, safe='')}",
+            {},
+            what=f"reading the summary of segment {segment_id!r}",
+            parse=parse_segments,
+            on_not_found=not_found,
+        )
+        match = [segment for segment in found if segment.id == segment_id]
+        if not match:
+            raise InvalidResponseError(
+                f"The summary of segment {segment_id!r} names "
+                f"{', '.join(repr(s.id) for s in found) or 'no segment'} in data[].attributes.segment_id."
+            )
+        return match[0]
 
     # -- the request gate -------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ __all__ = [
     "RunState",
     "RunStatus",
     "Segment",
+    "SegmentCount",
     "parse_error_details",
     "parse_page",
     "parse_run",
@@ -95,21 +96,70 @@ class _MatchAllEnvelope(_Record):
     data: list[_MatchAllData] = Field(min_length=1)
 
 
+class SegmentCount(_Record):
+    """A count of `counts` in a segment summary: the latest run's figure (cached, not live)."""
+
+    count: int | None = Field(default=None, ge=0)  # published as `number`: 1500 and 1500.0 alike
+    last_total_updated: datetime | None = None
+    run_id: str | None = None
+    run_id_start: datetime | None = None
+    run_id_end: datetime | None = None
+
+
+class _SegmentCounts(_Record):
+    last_total: SegmentCount | None = None
+    last_active_total: SegmentCount | None = None
+
+
+class _SegmentAttributes(_Record):
+    segment_id: SegmentId
+    category: str | None = None
+    name: str = ""
+    counts: _SegmentCounts | None = None
+    created_date: datetime | None = None
+    updated_date: datetime | None = None
+    last_used_date: datetime | None = None
+
+
+class _SegmentItem(_Record):
+    id: str | None = None  # the summary's own id, never the segment id (API.md)
+    type: str | None = None
+    attributes: _SegmentAttributes
+
+
+class _SegmentsEnvelope(_Record):
+    data: list[_SegmentItem]
+
+
 class Segment(_Record):
-    """A saved segment ("audience") of the account."""
+    """A saved segment of the account, as `GET /api/3/audiences` summarises it.
+
+    `id` is the item's `attributes.segment_id`, the id the match-all endpoints take; `last_total`
+    and `last_run` come from `counts.last_total`: the latest run's count and run, a recent figure
+    that a live read may differ from.
+    """
 
     id: SegmentId
     name: str = ""
-    last_total: int | None = Field(default=None, ge=0)
+    last_total: int | None = None
+    last_run: SegmentCount | None = None
+    created_date: datetime | None = None
+    updated_date: datetime | None = None
+    last_used_date: datetime | None = None
 
-
-class _AudienceMeta(_Record):
-    total: int = Field(ge=0)
-
-
-class _AudiencesEnvelope(_Record):
-    audiences: list[Segment]
-    meta: _AudienceMeta | None = None
+    @classmethod
+    def _of(cls, item: _SegmentItem) -> Segment:
+        attributes = item.attributes
+        last = attributes.counts.last_total if attributes.counts else None
+        return cls(
+            id=attributes.segment_id,
+            name=attributes.name,
+            last_total=last.count if last else None,
+            last_run=last,
+            created_date=attributes.created_date,
+            updated_date=attributes.updated_date,
+            last_used_date=attributes.last_used_date,
+        )
 
 
 class ApiErrorDetail(_Record):
@@ -198,13 +248,13 @@ def _parse_page_fast(body: bytes) -> tuple[MatchAllRun, npt.NDArray[np.int64]] |
     return run.model_copy(update={"matches": None}), ids
 
 
-def parse_segments(body: bytes) -> tuple[list[Segment], int | None]:
-    """Segments of one page of /audiences, with the account's total when the API sends it."""
+def parse_segments(body: bytes) -> list[Segment]:
+    """The segments of one page of `GET /api/3/audiences` (or of one `GET /audiences/{id}`)."""
     try:
-        envelope = _AudiencesEnvelope.model_validate_json(body)
+        envelope = _SegmentsEnvelope.model_validate_json(body)
     except ValidationError as exc:
         raise _invalid("listing segments", exc) from None
-    return envelope.audiences, envelope.meta.total if envelope.meta else None
+    return [Segment._of(item) for item in envelope.data]
 
 
 def parse_error_details(body: bytes) -> list[ApiErrorDetail]:

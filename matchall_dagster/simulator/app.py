@@ -321,6 +321,7 @@ class Simulator:
                 Route("/api/3/segmentMatchAll/{segment_id}/{run_id}", api(self._result_set), methods=["GET"]),
                 Route("/api/3/segmentMatchSome/{segment_id}/{run_id}", api(self._match_some), methods=["GET"]),
                 Route("/api/3/audiences", api(self._audiences), methods=["GET"]),
+                Route("/api/3/audiences/{segment_id}", api(self._audience), methods=["GET"]),
                 Route("/openapi.json", self._openapi, methods=["GET"]),
                 Route("/_simulator/stats", self._admin_stats, methods=["GET"]),
                 Route("/_simulator/stats/reset", self._admin_reset_stats, methods=["POST"]),
@@ -488,15 +489,34 @@ class Simulator:
         if not segments:
             return _error(404, "Not Found", "No Result found for Audience", label="404 NOT_FOUND")
         chosen = segments[(page - 1) * page_size : page * page_size]
-        return JSONResponse(
-            {
-                "audiences": [{"id": s.id, "name": s.name, "last_total": s.size} for s in chosen],
-                "meta": {"total": str(len(segments))},
-            }
-        )
+        return JSONResponse({"data": [self._summary(segment) for segment in chosen]})
+
+    async def _audience(self, request: Request) -> Response:
+        segment = self._segment(request)
+        if segment is None:
+            return _error(404, "Not Found", "No Result found for Audience", label="404 NOT_FOUND")
+        return JSONResponse({"data": [self._summary(segment)]})
+
+    def _summary(self, segment: SimSegment) -> dict[str, Any]:
+        """A saved segment's summary as the companion document publishes it (JSON:API item)."""
+        created = self.account.segment_timestamp(segment).timestamp()
+        last_total: dict[str, Any] = {"count": segment.size, "last_total_updated": _iso(created)}
+        return {
+            "id": f"summary-{segment.id}",
+            "type": "segmentSummary",
+            "attributes": {
+                "segment_id": segment.id,
+                "category": "audience",
+                "name": segment.name,
+                "counts": {"last_total": last_total, "last_active_total": dict(last_total)},
+                "created_date": _iso(created),
+                "updated_date": _iso(created),
+                "last_used_date": _iso(created),
+            },
+        }
 
     async def _openapi(self, request: Request) -> Response:
-        text = resources.files("matchall_dagster.simulator").joinpath("openapi.json").read_text()
+        text = resources.files("matchall_dagster.contract").joinpath("segment-match-all.openapi.json").read_text()
         return Response(text, media_type="application/json")
 
     async def _admin_stats(self, request: Request) -> Response:
