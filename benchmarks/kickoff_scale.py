@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 
 from matchall_dagster import ActiveCampaignResource
-from matchall_dagster.checks import ASSET_KEY
-from matchall_dagster.kickoff import KICKOFF, PENDING, STATUS, match_all_kickoff_job, started_segments
+from matchall_dagster.checks import ASSET_KEY, STATUS
+from matchall_dagster.kickoff import KICKOFF, PENDING, match_all_kickoff_job, started_segments
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     SimAccount,
@@ -40,6 +41,7 @@ from matchall_dagster.simulator import (
     SimulatorConfig,
     SimulatorServer,
 )
+from matchall_dagster.storage import duckdb_path
 
 REPO = Path(__file__).resolve().parents[1]
 RATE_VARIABLE = "KICKOFF_BENCH_RATE"
@@ -61,9 +63,9 @@ def kickoff_job() -> dg.JobDefinition:
         api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
         requests_per_second=float(os.environ[RATE_VARIABLE]),
     )
-    return dg.Definitions(jobs=[match_all_kickoff_job], resources={"activecampaign": resource}).resolve_job_def(
-        "match_all_kickoff_job"
-    )
+    # The kick-off reads names from the catalog in the project's DuckDB file (none here: no names).
+    resources = {"activecampaign": resource, "duckdb": DuckDBResource(database=duckdb_path())}
+    return dg.Definitions(jobs=[match_all_kickoff_job], resources=resources).resolve_job_def("match_all_kickoff_job")
 
 
 def records_of(instance: dg.DagsterInstance, kickoff: str) -> Counter[str]:

@@ -1,12 +1,29 @@
-"""`segment_matches`: a segment's complete, ordered member list from one ready match-all run."""
+"""`segment_matches`: a segment's complete, ordered member list from one ready match-all run.
+
+The segment's name and expected size come from the catalog table (`activecampaign_segments`, a
+local read: no request of the account's 5/s); without a catalog the materialization goes on
+without them.
+"""
+
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from matchall_dagster.checks import API_POOL, ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED, run_metadata
+from matchall_dagster.catalog import CatalogEntry, read_catalog
+from matchall_dagster.checks import (
+    API_POOL,
+    ASSET_KEY,
+    RUN_NOT_EXPIRED,
+    RUN_NOT_FAILED,
+    SEGMENT_NAME,
+    labelled,
+    run_metadata,
+)
 from matchall_dagster.client import ContactIds, MatchList
 from matchall_dagster.errors import ActiveCampaignError, InvalidInputError, RunExpiredError, RunFailedError
 from matchall_dagster.models import MatchAllRun
@@ -15,6 +32,11 @@ from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.validation import DEFAULT_SORT, validate_id, validate_sort
 
 PREVIEW_ROWS = 10
+# A read is noted when it differs from the catalog's count (the latest run's, taken at discovery)
+# by more than this share of the larger of the two and by more than SIZE_NOTE_MIN_CONTACTS: a
+# cached count lags behind a live one, so small differences are normal and never noted.
+SIZE_NOTE_SHARE = 0.1
+SIZE_NOTE_MIN_CONTACTS = 10
 
 
 class SegmentMatchesConfig(dg.Config):
@@ -52,6 +74,35 @@ def members_frame(segment_id: str, contact_ids: ContactIds) -> pd.DataFrame:
     )
 
 
+def size_note(total: int, expected: int) -> str | None:
+    """A sentence when `total` differs a lot from `expected` (see SIZE_NOTE_SHARE), else None."""
+    difference = total - expected
+    if abs(difference) <= max(SIZE_NOTE_SHARE * max(total, expected), SIZE_NOTE_MIN_CONTACTS):
+        return None
+    return (
+        f"Read {total:,} members where ActiveCampaign's latest count was {expected:,} "
+        f"({difference:+,}; {difference / expected:+.0%} of it)."
+        if expected
+        else f"Read {total:,} members where ActiveCampaign's latest count was 0."
+    ) + (
+        " The count is cached from the segment's previous run; if the difference is not expected, check the "
+        "segment's definition in ActiveCampaign."
+    )
+
+
+def _expected_metadata(entry: CatalogEntry | None, total: int, log: Any) -> dict[str, Any]:
+    if entry is None or entry.last_total is None:
+        return {}
+    metadata: dict[str, Any] = {"expected_total": entry.last_total}
+    if entry.last_run_id:
+        metadata["expected_total_run_id"] = entry.last_run_id
+    note = size_note(total, entry.last_total)
+    if note is not None:
+        metadata["size_note"] = note
+        log.warning(note)
+    return metadata
+
+
 def _preview(matches: MatchList) -> dg.MetadataValue:
     head = matches.contact_ids[:PREVIEW_ROWS].tolist()
     lines = ["| position | contact_id |", "|---|---|", *(f"| {i} | {cid} |" for i, cid in enumerate(head, 1))]
@@ -68,7 +119,10 @@ def _preview(matches: MatchList) -> dg.MetadataValue:
     description="Every member contact id of the segment, in the run's sort order (1-based position).",
 )
 def segment_matches(
-    context: dg.AssetExecutionContext, config: SegmentMatchesConfig, activecampaign: ActiveCampaignResource
+    context: dg.AssetExecutionContext,
+    config: SegmentMatchesConfig,
+    activecampaign: ActiveCampaignResource,
+    duckdb: DuckDBResource,
 ) -> dg.Output[pd.DataFrame]:
     segment_id = context.partition_key
     try:
@@ -78,15 +132,18 @@ def segment_matches(
             validate_id(config.run_id, "run id")
     except InvalidInputError as exc:
         raise dg.Failure(description=f"{exc} Fix the run configuration and launch again.") from None
+    entry = read_catalog(duckdb.database, [segment_id]).get(segment_id)
+    name = entry.name if entry is not None else None
+    segment = labelled(segment_id, name)
 
     with activecampaign.get_client() as client:
         run_id = config.run_id
         try:
             if run_id is None:
                 run_id = client.start_run(segment_id, sort=sort).run_id
-                context.log.info(f"Started match-all run {run_id} of segment {segment_id} (sort {sort}).")
+                context.log.info(f"Started match-all run {run_id} of {segment} (sort {sort}).")
             else:
-                context.log.info(f"Reading the existing match-all run {run_id} of segment {segment_id} (sort {sort}).")
+                context.log.info(f"Reading the existing match-all run {run_id} of {segment} (sort {sort}).")
 
             def waiting(run: MatchAllRun, elapsed: float) -> None:
                 if not run.is_ready:
@@ -123,7 +180,7 @@ def segment_matches(
             raise dg.Failure(description=str(exc)) from None
 
     context.log.info(
-        f"Read {matches.total:,} members of segment {segment_id} in {matches.pages_read} page(s), "
+        f"Read {matches.total:,} members of {segment} in {matches.pages_read} page(s), "
         f"{requests} request(s), {matches.elapsed_seconds:.1f} s."
     )
     run = matches.run
@@ -132,7 +189,9 @@ def segment_matches(
         members_frame(segment_id, matches.contact_ids),
         metadata={
             "dagster/row_count": matches.total,
+            **({SEGMENT_NAME: name} if name else {}),
             **run_metadata(run, run.run_id, sort),
+            **_expected_metadata(entry, matches.total, context.log),
             "page_total": run.page.total,
             "pages_read": matches.pages_read,
             "requests": requests,

@@ -23,6 +23,9 @@ from matchall_dagster.storage import PartitionSummary
 from matchall_dagster.validation import DEFAULT_SORT
 
 ASSET_KEY = dg.AssetKey("segment_matches")
+# Metadata keys of the events on a `segment_matches` partition (pending runs, deletions, reads).
+STATUS = "matchall/status"
+SEGMENT_NAME = "segment_name"
 API_POOL = "activecampaign"  # every step that may call the API; its limit is in dagster.yaml
 RUN_NOT_FAILED = "run_not_failed"
 RUN_NOT_EXPIRED = "run_not_expired"
@@ -36,6 +39,11 @@ class RunCheckConfig(dg.Config):
 
     run_id: str | None = Field(default=None, description="A match-all run id; empty: the materialized run.")
     sort: str = Field(default=DEFAULT_SORT, description="The sort the run was started with.")
+
+
+def labelled(segment_id: str, name: str | None) -> str:
+    """`segment 42 "VIP customers"` in log lines and descriptions; `segment 42` without a known name."""
+    return f'segment {segment_id} "{name}"' if name else f"segment {segment_id}"
 
 
 def run_metadata(run: MatchAllRun | None, run_id: str, sort: str) -> dict[str, Any]:

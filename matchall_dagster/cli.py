@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import pyarrow.parquet as pa_parquet
 
 from matchall_dagster.client import ActiveCampaignClient, ContactIds
 from matchall_dagster.errors import ActiveCampaignError, InvalidInputError
-from matchall_dagster.models import MatchAllRun
+from matchall_dagster.models import MatchAllRun, Segment
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, demo_account, serve
 from matchall_dagster.validation import DEFAULT_SORT
 
@@ -122,17 +123,141 @@ def fetch(segment_id: str, sort: str, run_id: str | None, output: Path | None, f
     )
 
 
+# What `matchall segments` says discovery would do with each segment (its `discovery` column).
+_TRACKED, _NEW, _IGNORED, _RESTORE, _UNLISTED, _DELETED = "tracked", "new", "ignored", "restore", "unlisted", "deleted"
+
+
+def _instance_or_none() -> Any:
+    """The Dagster instance of DAGSTER_HOME, or None when DAGSTER_HOME is unset."""
+    if not os.environ.get("DAGSTER_HOME"):
+        return None
+    import dagster as dg
+
+    try:
+        return dg.DagsterInstance.get()
+    except Exception as exc:  # Dagster raises several kinds for a bad home; all mean the same to the user
+        _fail(
+            f"Could not open the Dagster instance at DAGSTER_HOME={os.environ['DAGSTER_HOME']} "
+            f"({str(exc).splitlines()[0][:200]}). Point DAGSTER_HOME at the folder holding the instance's "
+            f"dagster.yaml, as `dagster dev` and the daemon use it."
+        )
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() and c != "\t" else " " for c in text)
+
+
 @main.command()
 def segments() -> None:
-    """List the account's saved segments (id, last known size, name) as tab-separated lines."""
+    """List the account's saved segments and what discovery would do with each, as tab-separated lines.
+
+    Columns: segment_id, last_total (ActiveCampaign's latest count), last_run_id (the run that counted
+    it), discovery, name. `discovery` is: tracked (a partition), new (discovery adds it), ignored (left
+    out by MATCHALL_SEGMENTS), restore (marked deleted, listed again: discovery unmarks it), and for
+    partitions ActiveCampaign does not list: unlisted (marked deleted once two listings in a row miss
+    it) or deleted (marked). Without DAGSTER_HOME every admitted segment shows as new. Read-only.
+    """
+    from matchall_dagster.partitions import tracked
+
     try:
-        with _client_from_env() as client:
-            for segment in client.list_segments():
-                size = "" if segment.last_total is None else str(segment.last_total)
-                name = "".join(c if c.isprintable() else " " for c in segment.name)  # one line each
-                click.echo(f"{segment.id}\t{size}\t{name}")
+        listed = _listing()
+        tracked([])  # MATCHALL_SEGMENTS read (and refused if bad) before anything is printed
     except ActiveCampaignError as exc:
         _fail(str(exc))
+    instance = _instance_or_none()
+    partitions: set[str] = set()
+    deleted: set[str] = set()
+    if instance is None:
+        click.echo(
+            "DAGSTER_HOME is not set: no instance to compare with; every admitted segment would be added.", err=True
+        )
+    else:
+        from matchall_dagster.deletions import deleted_ids
+
+        with instance:
+            partitions = set(instance.get_dynamic_partitions("segments"))
+            deleted = deleted_ids(instance)
+    admitted = set(tracked([*(segment.id for segment in listed), *partitions]))
+    click.echo("segment_id\tlast_total\tlast_run_id\tdiscovery\tname")
+    for segment in listed:
+        if segment.id not in admitted and segment.id not in partitions:
+            action = _IGNORED
+        elif segment.id in deleted:
+            action = _RESTORE
+        else:
+            action = _TRACKED if segment.id in partitions else _NEW
+        size = "" if segment.last_total is None else str(segment.last_total)
+        run_id = segment.last_run.run_id if segment.last_run and segment.last_run.run_id else ""
+        click.echo(f"{segment.id}\t{size}\t{_one_line(run_id)}\t{action}\t{_one_line(segment.name)}")
+    unlisted = sorted(partitions - {segment.id for segment in listed})
+    if unlisted:
+        from matchall_dagster.catalog import read_catalog
+        from matchall_dagster.storage import duckdb_path
+
+        known = read_catalog(duckdb_path(), unlisted, patience=0.5)
+        for segment_id in unlisted:
+            entry = known.get(segment_id)
+            size = "" if entry is None or entry.last_total is None else str(entry.last_total)
+            run_id = entry.last_run_id or "" if entry else ""
+            action = _DELETED if segment_id in deleted else _UNLISTED if segment_id in admitted else _IGNORED
+            click.echo(
+                f"{segment_id}\t{size}\t{_one_line(run_id)}\t{action}\t{_one_line(entry.name or '' if entry else '')}"
+            )
+    waiting = sum(1 for segment_id in unlisted if segment_id not in deleted and segment_id in admitted)
+    if waiting:
+        click.echo(
+            f"{waiting} tracked partition(s) are not listed by ActiveCampaign: discovery marks each deleted once two "
+            f"listings in a row miss it (rows kept).",
+            err=True,
+        )
+
+
+def _listing() -> list[Segment]:
+    with _client_from_env() as client:
+        return client.list_segments(page_size=10_000)
+
+
+@main.command()
+@click.argument("segment_id")
+@click.option(
+    "--force", is_flag=True, help="Also forget a segment not marked deleted (discovery adds it again while listed)."
+)
+def forget(segment_id: str, force: bool) -> None:
+    """Remove SEGMENT_ID's partition of segment_matches, typically after it was marked deleted.
+
+    Its stored rows (tables segment_matches and segment_membership_changes in the DuckDB file) and its
+    event history are kept; the command prints how to delete the rows. Needs DAGSTER_HOME.
+    """
+    from matchall_dagster import history
+    from matchall_dagster.deletions import NotForgettableError
+    from matchall_dagster.deletions import forget as forget_segment
+    from matchall_dagster.storage import duckdb_path
+    from matchall_dagster.validation import validate_id
+
+    try:
+        validate_id(segment_id)
+    except InvalidInputError as exc:
+        _fail(str(exc))
+    instance = _instance_or_none()
+    if instance is None:
+        _fail(
+            "DAGSTER_HOME is not set: forget removes a partition from the Dagster instance. Set DAGSTER_HOME to the "
+            "instance's folder (the one `dagster dev` and the daemon use) and run again."
+        )
+    with instance:
+        try:
+            forgotten = forget_segment(instance, segment_id, force=force)
+        except NotForgettableError as exc:
+            _fail(str(exc))
+    database = duckdb_path()
+    tables = (history.MATCHES_TABLE, history.CHANGES_TABLE, history.STEPS_TABLE, history.STATE_TABLE)
+    statements = " ".join(f"delete from main.{table} where segment_id = '{segment_id}';" for table in tables)  # noqa: S608  # printed, never run; ids hold no quotes (validate_id)
+    click.echo(
+        f"Removed the partition of segment {segment_id} from segment_matches"
+        + (" and its deleted mark." if forgotten.was_deleted else ".")
+        + f" Its stored rows are kept in {database}, its history in Dagster's event log. To delete the rows "
+        + f"(tables missing from the file can be left out):\n  duckdb {shlex.quote(database)} {shlex.quote(statements)}"
+    )
 
 
 @main.command()

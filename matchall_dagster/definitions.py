@@ -1,9 +1,10 @@
 """The Dagster definitions: `dagster dev` and workspace.yaml load `defs` from here.
 
-Data flow: segment_discovery_sensor (partitions) -> match_all_kickoff_schedule / job (runs
-started, recorded as pending) -> match_all_readiness_sensor (polls) -> segment_matches (pages
-read into DuckDB) -> matches_complete (rows checked) -> membership_changes_automation ->
-segment_membership_changes (joined/left appended in DuckDB) -> membership_change_plausible.
+Data flow: segment_discovery_sensor (partitions, deletions, and the catalog
+activecampaign_segments) -> match_all_kickoff_schedule / job (runs started, recorded as pending)
+-> match_all_readiness_sensor (polls) -> segment_matches (pages read into DuckDB) -> matches_complete
+(rows checked) -> membership_changes_automation -> segment_membership_changes (joined/left
+appended in DuckDB) -> membership_change_plausible.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.assets import segment_matches
+from matchall_dagster.catalog import activecampaign_segments, activecampaign_segments_job
 from matchall_dagster.changes import membership_changes_sensor, segment_membership_changes
 from matchall_dagster.checks import matches_complete, run_not_expired, run_not_failed
 from matchall_dagster.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
@@ -24,9 +26,9 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
     """The project's definitions; `duckdb_database` overrides MATCHALL_DUCKDB_PATH (for tests)."""
     database = duckdb_database or duckdb_path()
     return dg.Definitions(
-        assets=[segment_matches, segment_membership_changes],
+        assets=[activecampaign_segments, segment_matches, segment_membership_changes],
         asset_checks=[run_not_failed, run_not_expired, matches_complete],
-        jobs=[match_all_kickoff_job],
+        jobs=[match_all_kickoff_job, activecampaign_segments_job],
         schedules=[match_all_kickoff_schedule],
         sensors=[segment_discovery_sensor, match_all_readiness_sensor, membership_changes_sensor],
         # One process per run: every Dagster process costs about 200 MiB and 2-3 s of imports
@@ -46,7 +48,8 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
             # Swap in the pandas IO manager of a warehouse (Snowflake, BigQuery, ...) here; the asset
             # declares its partition column as `partition_expr`.
             "io_manager": MatchallDuckDBIOManager(database=database, schema="main"),
-            # The membership history is computed in SQL in the same file, under the same memory cap.
+            # The membership history is computed in SQL in the same file, under the same memory cap;
+            # the kick-off, the discovery sensor and segment_matches read the catalog's names there.
             "duckdb": DuckDBResource(database=database, connection_config={"memory_limit": DEFAULT_MEMORY_LIMIT}),
         },
     )

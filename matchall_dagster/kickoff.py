@@ -4,6 +4,9 @@ Each started run is recorded as an `AssetObservation` of its `segment_matches` p
 (status `pending`, run id, sort, start time, kick-off id), so the UI shows per partition which
 run is pending since when, and the readiness sensor picks the runs up from the event log.
 
+Segments marked deleted (see `deletions`) are not started; a tracked segment whose start answers
+404 is marked there and then. Names come from the catalog table (one local read per kick-off).
+
 A kick-off is identified by the root run of its Dagster run (a re-execution shares it), so a
 kick-off that was interrupted and is re-executed starts only the segments that have no pending
 record of that kick-off yet.
@@ -14,16 +17,18 @@ import time
 from collections.abc import Iterable
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from matchall_dagster.checks import API_POOL, ASSET_KEY, run_metadata
+from matchall_dagster.catalog import names_of, read_catalog
+from matchall_dagster.checks import API_POOL, ASSET_KEY, SEGMENT_NAME, STATUS, labelled, run_metadata
+from matchall_dagster.deletions import KICKOFF_404, deleted_ids, deleted_observation, deleted_segments
 from matchall_dagster.errors import ActiveCampaignError, AuthenticationError, SegmentNotFoundError
 from matchall_dagster.models import MatchAllRun
 from matchall_dagster.partitions import segments_partitions, tracked
 from matchall_dagster.resource import ActiveCampaignResource
 from matchall_dagster.validation import DEFAULT_SORT, validate_sort
 
-STATUS = "matchall/status"
 PENDING = "pending"
 ATTEMPT = "attempt"
 KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that started the run
@@ -34,15 +39,23 @@ KICKOFF_CRON_VARIABLE = "MATCHALL_KICKOFF_CRON"
 
 
 def pending_observation(
-    segment_id: str, run: MatchAllRun, sort: str, attempt: int = 1, kickoff: str | None = None
+    segment_id: str,
+    run: MatchAllRun,
+    sort: str,
+    attempt: int = 1,
+    kickoff: str | None = None,
+    name: str | None = None,
 ) -> dg.AssetObservation:
     metadata = {STATUS: PENDING, ATTEMPT: attempt, **run_metadata(run, run.run_id, sort)}
     if kickoff is not None:
         metadata[KICKOFF] = kickoff
+    if name:
+        metadata[SEGMENT_NAME] = name
     return dg.AssetObservation(
         asset_key=ASSET_KEY,
         partition=segment_id,
-        description=f"Match-all run {run.run_id} pending since {run.run_id_start:%Y-%m-%d %H:%M:%S} UTC.",
+        description=f"Match-all run {run.run_id} of {labelled(segment_id, name)} pending since "
+        f"{run.run_id_start:%Y-%m-%d %H:%M:%S} UTC.",
         metadata=metadata,
     )
 
@@ -117,6 +130,16 @@ def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
     return remaining
 
 
+def _mark_deleted(context: dg.OpExecutionContext, segment_id: str, name: str | None) -> None:
+    """A tracked segment the API does not know any more: marked (not kicked off again), rows kept."""
+    assert segments_partitions.name is not None
+    assert deleted_segments.name is not None
+    if not context.instance.has_dynamic_partition(segments_partitions.name, segment_id):
+        return  # an id given in the run configuration, never tracked: nothing to mark
+    context.instance.add_dynamic_partitions(deleted_segments.name, [segment_id])
+    context.log_event(deleted_observation(segment_id, KICKOFF_404, name))
+
+
 class KickoffConfig(dg.Config):
     sort: str = Field(default=DEFAULT_SORT, description="The sort of every run started.")
     segment_ids: list[str] | None = Field(
@@ -126,11 +149,15 @@ class KickoffConfig(dg.Config):
 
 @dg.op(
     pool=API_POOL,
-    description="Start a match-all run for each tracked segment and record it as pending; a re-execution "
-    "starts only the segments the interrupted attempt had not recorded.",
+    description="Start a match-all run for each tracked segment not marked deleted and record it as pending; a "
+    "re-execution starts only the segments the interrupted attempt had not recorded. A segment answering 404 is "
+    "marked deleted.",
 )
 def start_match_all_runs(
-    context: dg.OpExecutionContext, config: KickoffConfig, activecampaign: ActiveCampaignResource
+    context: dg.OpExecutionContext,
+    config: KickoffConfig,
+    activecampaign: ActiveCampaignResource,
+    duckdb: DuckDBResource,
 ) -> None:
     try:
         sort = validate_sort(config.sort)
@@ -138,6 +165,16 @@ def start_match_all_runs(
         raise dg.Failure(description=f"{exc} Fix the kick-off's run configuration.") from None
     assert segments_partitions.name is not None
     segment_ids = tracked(config.segment_ids or context.instance.get_dynamic_partitions(segments_partitions.name))
+    deleted = deleted_ids(context.instance)
+    if deleted.intersection(segment_ids):
+        skipped = [segment_id for segment_id in segment_ids if segment_id in deleted]
+        context.log.info(
+            f"Skipped {len(skipped)} segment(s) marked deleted in ActiveCampaign: {', '.join(skipped[:20])}"
+            f"{' ...' if len(skipped) > 20 else ''}. Each comes back once ActiveCampaign lists it again; "
+            f"`matchall forget SEGMENT_ID` drops its partition."
+        )
+        segment_ids = [segment_id for segment_id in segment_ids if segment_id not in deleted]
+    names = names_of(read_catalog(duckdb.database))  # one local read; empty without a catalog
     kickoff = kickoff_id(context.dagster_run)
     done = started_segments(context.instance, kickoff)  # empty unless this kick-off was interrupted
     todo = _remaining(segment_ids, done)
@@ -152,7 +189,8 @@ def start_match_all_runs(
             try:
                 run = client.start_run(segment_id, sort=sort)
             except SegmentNotFoundError as exc:
-                context.log.warning(f"Skipped segment {segment_id}: {exc}")
+                context.log.warning(f"Skipped {labelled(segment_id, names.get(segment_id))}: {exc}")
+                _mark_deleted(context, segment_id, names.get(segment_id))
                 continue
             except AuthenticationError as exc:  # the same for every segment: stop at once
                 raise dg.Failure(description=str(exc)) from None
@@ -163,7 +201,7 @@ def start_match_all_runs(
             # The one window where an interruption makes a re-execution start a segment twice: from
             # this start request reaching the API to the record below being stored (a round trip
             # and one write); one segment at most, since segments are started one after the other.
-            context.log_event(pending_observation(segment_id, run, sort, kickoff=kickoff))
+            context.log_event(pending_observation(segment_id, run, sort, kickoff=kickoff, name=names.get(segment_id)))
             started += 1
             if started % PROGRESS_EVERY == 0:
                 context.log.info(f"Started {started} of {len(todo)} run(s).")

@@ -1,5 +1,9 @@
 """The sensors: segment discovery, and readiness polling of the pending match-all runs.
 
+Discovery lists the account (one request per 10,000 segments, through the sensors' share of the
+limit) and leaves its decisions to `discovery` (new, missing, deleted, listed again; when the
+catalog is refreshed); it wires the instance, the cursor and the results.
+
 The readiness sensor's per-run work is `decide` (a pure function: a pending run and its polled
 status in, the next step out), and its choice of what to poll is `plan` (pure too: the runs due,
 oldest first, within the tick's request budget). The sensor itself wires the event log, the
@@ -31,14 +35,25 @@ from dataclasses import dataclass, field, replace
 
 import dagster as dg
 import numpy as np
+from dagster_duckdb import DuckDBResource
 from pydantic import BaseModel, Field, ValidationError
 
 from matchall_dagster.assets import segment_matches
-from matchall_dagster.checks import ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.catalog import CATALOG_JOB, LIST_PAGE_SIZE, activecampaign_segments_job, names_of, read_catalog
+from matchall_dagster.checks import ASSET_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED, SEGMENT_NAME, STATUS, labelled
 from matchall_dagster.client import ActiveCampaignClient
+from matchall_dagster.deletions import (
+    MISSING_TWICE,
+    deleted_ids,
+    deleted_observation,
+    deleted_segments,
+    is_deleted,
+    listed_again_observation,
+)
+from matchall_dagster.discovery import DiscoveryCursor, catalog_due, fingerprints, reconcile
 from matchall_dagster.errors import ActiveCampaignError, APIUnavailableError, AuthenticationError, InvalidInputError
-from matchall_dagster.kickoff import ATTEMPT, KICKOFF, PENDING, STATUS, match_all_kickoff_job, pending_observation
-from matchall_dagster.models import RunState, RunStatus
+from matchall_dagster.kickoff import ATTEMPT, KICKOFF, PENDING, match_all_kickoff_job, pending_observation
+from matchall_dagster.models import RunState, RunStatus, Segment
 from matchall_dagster.partitions import segments_partitions, tracked
 from matchall_dagster.resource import ActiveCampaignResource
 
@@ -124,6 +139,7 @@ class PendingRun:
     polls: int = 0
     next_poll_at: float = 0.0
     kickoff: str | None = None
+    segment_name: str | None = None
 
 
 class _PendingRecord(BaseModel):
@@ -134,6 +150,7 @@ class _PendingRecord(BaseModel):
     run_started_at: float | None = None
     attempt: int = Field(default=1, alias=ATTEMPT)
     kickoff: str | None = Field(default=None, alias=KICKOFF)
+    segment_name: str | None = Field(default=None, alias=SEGMENT_NAME)
 
 
 @dataclass
@@ -336,6 +353,7 @@ def _pending_run(record: dg.EventLogRecord, now: float, log: logging.Logger) -> 
         storage_id=record.storage_id,
         attempt=recorded.attempt,
         kickoff=recorded.kickoff,
+        segment_name=recorded.segment_name,
         next_poll_at=min(started, now),  # due once recorded: by the time a tick reads it, seconds have passed
     )
 
@@ -387,6 +405,7 @@ class TickReport:
     polled: int = 0
     requests: int = 0
     superseded: int = 0
+    dropped: int = 0
     stopped: str = ""
 
     def describe(self) -> str:
@@ -398,6 +417,8 @@ class TickReport:
         )
         if self.superseded:
             text += f", {self.superseded} superseded by a newer run"
+        if self.dropped:
+            text += f", {self.dropped} dropped (segment marked deleted or forgotten)"
         return text + (f"; stopped early: {self.stopped}" if self.stopped else "") + "."
 
 
@@ -454,6 +475,7 @@ def match_all_readiness_sensor(
     events: list[dg.AssetObservation] = []
     fresh_done = cursor.after
     unavailable = 0
+    active: dict[str, bool] = {}
     client = _polling_client(activecampaign, _TickSleep(window_ends))
     try:
         for item in chosen:
@@ -464,6 +486,13 @@ def match_all_readiness_sensor(
                 continue
             if newer.get(run.segment_id, run.storage_id) > run.storage_id:
                 report.superseded += 1
+                cursor.waiting.pop(run.storage_id, None)
+                fresh_done = max(fresh_done or 0, run.storage_id) if item.fresh else fresh_done
+                continue
+            if not active.setdefault(run.segment_id, _active(instance, run.segment_id)):
+                # Polling it costs requests for nothing, and a request for a forgotten partition would
+                # fail the tick; the next kick-off after it is listed again starts a fresh run.
+                report.dropped += 1
                 cursor.waiting.pop(run.storage_id, None)
                 fresh_done = max(fresh_done or 0, run.storage_id) if item.fresh else fresh_done
                 continue
@@ -501,6 +530,7 @@ def match_all_readiness_sensor(
             report.polled += 1
             report.new_taken += item.fresh
             decision = decide(run, status, clock(), max_attempts=attempts)
+            segment = labelled(run.segment_id, run.segment_name)
             if decision.step is Step.RESTART and client.requests_sent >= budget:
                 report.stopped = "no request left to start a fresh run"
                 break  # polled again next tick, first: it became due before the others
@@ -508,7 +538,7 @@ def match_all_readiness_sensor(
             cursor.waiting.pop(run.storage_id, None)
             if decision.step is Step.MATERIALIZE:
                 context.log.info(
-                    f"Run {run.run_id} of segment {run.segment_id} is ready; launching the materialization of "
+                    f"Run {run.run_id} of {segment} is ready; launching the materialization of "
                     f"partition {run.segment_id}."
                 )
                 requests.append(materialize_request(decision.run))
@@ -516,7 +546,7 @@ def match_all_readiness_sensor(
                 cursor.waiting[run.storage_id] = (decision.run.next_poll_at, decision.run.polls)
             elif decision.step is Step.EXPIRED:
                 context.log.warning(
-                    f"Run {run.run_id} of segment {run.segment_id} expired (404) before it could be read; "
+                    f"Run {run.run_id} of {segment} expired (404) before it could be read; "
                     f"recording it on the check run_not_expired. The next kick-off starts a new run; to read the "
                     f"segment sooner, materialize partition {run.segment_id} by hand."
                 )
@@ -529,7 +559,7 @@ def match_all_readiness_sensor(
                     later = backed_off(run, clock())
                     cursor.waiting[run.storage_id] = (later.next_poll_at, later.polls)
                 context.log.warning(
-                    f"Run {run.run_id} of segment {run.segment_id} failed (attempt {run.attempt}); "
+                    f"Run {run.run_id} of {segment} failed (attempt {run.attempt}); "
                     + (
                         "started a fresh run."
                         if restarted
@@ -568,8 +598,18 @@ def _restart(
         return False
     finally:
         _share_gate.done()
-    events.append(pending_observation(run.segment_id, fresh, run.sort, attempt=run.attempt + 1, kickoff=run.kickoff))
+    events.append(
+        pending_observation(
+            run.segment_id, fresh, run.sort, attempt=run.attempt + 1, kickoff=run.kickoff, name=run.segment_name
+        )
+    )
     return True
+
+
+def _active(instance: dg.DagsterInstance, segment_id: str) -> bool:
+    """Still a partition, and not marked deleted: two indexed lookups."""
+    assert segments_partitions.name is not None
+    return instance.has_dynamic_partition(segments_partitions.name, segment_id) and not is_deleted(instance, segment_id)
 
 
 def _newer_pending(instance: dg.DagsterInstance, candidates: dict[str, int], now: float) -> dict[str, int]:
@@ -594,39 +634,96 @@ def _newer_pending(instance: dg.DagsterInstance, candidates: dict[str, int], now
     }
 
 
+def _listing(activecampaign: ActiveCampaignResource) -> list[Segment]:
+    with _sensor_client(activecampaign) as client:
+        _share_gate.wait(SENSOR_REQUESTS_PER_SECOND)
+        try:
+            return client.list_segments(page_size=LIST_PAGE_SIZE)  # 10,000 segments a request
+        finally:
+            _share_gate.done()
+
+
 @dg.sensor(
     name="segment_discovery_sensor",
-    job=match_all_kickoff_job,
+    jobs=[match_all_kickoff_job, activecampaign_segments_job],
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds the account's saved segments (GET /api/3/audiences, limited by MATCHALL_SEGMENTS) as "
-    "partitions, and starts runs for the new ones.",
+    description="Lists the account's saved segments (GET /api/3/audiences, one request per 10,000): adds the new "
+    "ones admitted by MATCHALL_SEGMENTS as partitions and starts their runs, marks tracked ones missing from two "
+    "listings in a row as deleted (unmarked when listed again), and refreshes the catalog activecampaign_segments "
+    "when the listing changed (sizes alone: at most hourly).",
 )
 def segment_discovery_sensor(
-    context: dg.SensorEvaluationContext, activecampaign: ActiveCampaignResource
+    context: dg.SensorEvaluationContext,
+    activecampaign: ActiveCampaignResource,
+    duckdb: DuckDBResource,
 ) -> dg.SensorResult:
     assert segments_partitions.name is not None
+    now = clock()
     try:
-        with _sensor_client(activecampaign) as client:
-            _share_gate.wait(SENSOR_REQUESTS_PER_SECOND)
-            try:
-                segments = client.list_segments(page_size=10_000)  # the API's largest page: 10,000 segments a request
-            finally:
-                _share_gate.done()
-    except ActiveCampaignError as exc:
-        return dg.SensorResult(skip_reason=f"Could not list the account's segments: {exc}")
-    known = set(context.instance.get_dynamic_partitions(segments_partitions.name))
-    new = [segment_id for segment_id in tracked(s.id for s in segments) if segment_id not in known]
-    if not new:
-        return dg.SensorResult(skip_reason=f"No new segments among {len(segments)}.")
-    context.log.info(f"Discovered {len(new)} new segment(s): {', '.join(new[:20])}{' ...' if len(new) > 20 else ''}")
-    digest = hashlib.sha256(",".join(new).encode()).hexdigest()[:16]
-    return dg.SensorResult(
-        dynamic_partitions_requests=[segments_partitions.build_add_request(new)],
-        run_requests=[
+        listed = _listing(activecampaign)
+    except ActiveCampaignError as exc:  # not a listing: nothing counts as missing
+        return dg.SensorResult(skip_reason=f"Could not list the account's segments: {exc}", cursor=context.cursor)
+    cursor = DiscoveryCursor.load(context.cursor, context.log)
+    instance = context.instance
+    partitions = set(instance.get_dynamic_partitions(segments_partitions.name))
+    deleted = deleted_ids(instance)
+    listed_ids = [segment.id for segment in listed]
+    names = {segment.id: segment.name for segment in listed}
+    admitted = set(tracked([*listed_ids, *partitions]))
+    change = reconcile(listed_ids, admitted, partitions, deleted, cursor.missing)
+
+    requests: list[dg.RunRequest] = []
+    partition_requests: list[dg.AddDynamicPartitionsRequest | dg.DeleteDynamicPartitionsRequest] = []
+    events: list[dg.AssetObservation] = []
+    done: list[str] = []
+    if change.new:
+        context.log.info(
+            f"Discovered {len(change.new)} new segment(s): {', '.join(change.new[:20])}"
+            f"{' ...' if len(change.new) > 20 else ''}"
+        )
+        digest = hashlib.sha256(",".join(change.new).encode()).hexdigest()[:16]
+        partition_requests.append(segments_partitions.build_add_request(change.new))
+        requests.append(
             dg.RunRequest(
-                run_key=f"discovered/{digest}",
-                run_config={"ops": {"start_match_all_runs": {"config": {"segment_ids": new}}}},
+                job_name=match_all_kickoff_job.name,
+                run_key=f"discovered/{digest}/{now:.0f}",  # a segment forgotten, then listed again, is started again
+                run_config={"ops": {"start_match_all_runs": {"config": {"segment_ids": change.new}}}},
             )
-        ],
+        )
+        done.append(f"added {len(change.new)}")
+    if change.to_mark:
+        known_names = names_of(read_catalog(duckdb.database, change.to_mark, patience=0.5))
+        context.log.warning(
+            f"{len(change.to_mark)} tracked segment(s) missing from two listings in a row, marked deleted (their "
+            f"rows are kept): {', '.join(change.to_mark[:20])}{' ...' if len(change.to_mark) > 20 else ''}"
+        )
+        partition_requests.append(deleted_segments.build_add_request(change.to_mark))
+        events.extend(deleted_observation(s, MISSING_TWICE, known_names.get(s)) for s in change.to_mark)
+        done.append(f"marked {len(change.to_mark)} deleted")
+    if change.listed_again:
+        context.log.info(f"{len(change.listed_again)} segment(s) marked deleted are listed again: unmarked.")
+        partition_requests.append(deleted_segments.build_delete_request(change.listed_again))
+        events.extend(listed_again_observation(s, names.get(s)) for s in change.listed_again)
+        done.append(f"unmarked {len(change.listed_again)}")
+    if change.missing_once:
+        done.append(f"{len(change.missing_once)} missing once")
+
+    after_deleted = (deleted | set(change.to_mark)) - set(change.listed_again)
+    structure, counts = fingerprints(listed, partitions | set(change.new), after_deleted)
+    why = catalog_due(cursor, structure, counts, now)
+    if why is not None:
+        requests.append(dg.RunRequest(job_name=CATALOG_JOB, run_key=f"catalog/{now:.0f}", tags={"matchall/why": why}))
+        cursor = DiscoveryCursor(cursor.missing, structure, counts, now)
+        done.append(f"catalog refresh requested ({why})")
+    cursor.missing = change.missing_once
+    summary = f"{len(listed)} segment(s) listed: " + ("; ".join(done) or "no changes") + "."
+    if done:
+        context.log.info(summary)
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=partition_requests,
+        asset_events=events,
+        cursor=cursor.dump(),
+        skip_reason=None if requests else summary,
     )

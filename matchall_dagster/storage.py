@@ -1,10 +1,11 @@
 """Where `segment_matches` lands by default: a DuckDB file, through dagster-duckdb-pandas.
 
-Dagster's DuckDB IO manager deletes a partition's rows and inserts the new ones in separate
-autocommitted statements, so a crash in between leaves the partition empty, and it skips empty
-DataFrames without creating the table. This subclass keeps everything else of it (connection
-retries on file locks, loading, metadata) and changes just those two things: the delete and the
-insert run in one transaction, and an empty partition still creates the table. Two more, for
+Dagster's DuckDB IO manager deletes a partition's rows (or an unpartitioned table's) and inserts
+the new ones in separate autocommitted statements, so a crash in between leaves them empty, and it
+skips empty DataFrames without creating the table. This subclass keeps everything else of it
+(connection retries on file locks, loading, metadata) and changes just those two things: the
+delete and the insert run in one transaction (an unpartitioned frame replaces its whole table,
+columns included), and an empty frame still creates the table. Two more, for
 segments of millions: an input annotated `PartitionSummary` is answered by SQL in the database
 (row count, position range, repeated ids) instead of loading the rows into pandas, and DuckDB's
 memory is capped (`DEFAULT_MEMORY_LIMIT`, spilling to disk beyond it) unless `connection_config`
@@ -158,11 +159,15 @@ class _PandasTypeHandler(DuckDBPandasTypeHandler):
     ) -> Mapping[str, Any] | None:
         # The parent skips an empty frame; an empty segment is a real answer, and its table must
         # still exist. DuckDB reads the frame's columns in place (numpy and Arrow buffers, no copy).
+        # An unpartitioned frame is the whole table: replaced, columns included (a new column of a
+        # later release must not fail the insert), in the same transaction as everything else.
         table = f"{table_slice.schema}.{table_slice.table}"
         exists = _table_exists(table_slice, connection)
         connection.register(_ROWS_VIEW, obj)
         try:
-            if exists:
+            if not table_slice.partition_dimensions:
+                connection.execute(f"create or replace table {table} as select * from {_ROWS_VIEW}").fetchall()  # noqa: S608
+            elif exists:
                 connection.execute(f"insert into {table} select * from {_ROWS_VIEW}").fetchall()  # noqa: S608  # names, no data
             else:
                 connection.execute(f"create table {table} as select * from {_ROWS_VIEW}").fetchall()  # noqa: S608

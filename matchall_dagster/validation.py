@@ -1,7 +1,8 @@
 """Checks on everything we put into a request, done before anything is sent.
 
-The rules are shared by the client (which refuses bad input) and the simulator (which answers
-400/404 for it), so that both read the contract the same way.
+These are the client's rules, stricter than the contract where it is loose (ids, repeated sort
+keys). The simulator does not use them: it takes its rules from the published documents
+(`matchall_dagster.contract`), so that client and simulator each follow the contract, not each other.
 """
 
 from __future__ import annotations

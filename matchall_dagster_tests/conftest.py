@@ -23,6 +23,7 @@ from matchall_dagster.simulator import (
     SimulatorConfig,
     SimulatorServer,
 )
+from matchall_dagster_tests.strict import StrictAnswers
 
 PAGING_SIZES = {"empty": 0, "one": 1, "9999": 9_999, "10000": 10_000, "10001": 10_001, "25001": 25_001}
 UUID_SEGMENT = "1ab85f0e-3b5c-4a35-bc07-242c68a7d195132"
@@ -53,20 +54,28 @@ ServeSimulator = Callable[..., SimulatorServer]
 
 @pytest.fixture
 def serve_simulator() -> Iterator[ServeSimulator]:
-    """Start simulators (torn down after the test): `serve_simulator(faults=..., ready_after=...)`."""
+    """Start simulators (torn down after the test): `serve_simulator(faults=..., ready_after=...)`.
+
+    Every API answer they give is validated against the strict form of the published documents;
+    the test fails at teardown if one broke it (injected faults excepted)."""
     servers: list[SimulatorServer] = []
+    answers = StrictAnswers()
 
     def start(account: SimAccount | None = None, **config: Any) -> SimulatorServer:
         config.setdefault("ready_after", 0.0)
         config.setdefault("requests_per_second", 0)
         config.setdefault("faults", Faults())
-        server = SimulatorServer(Simulator(account or make_account(), SimulatorConfig(**config))).start()
+        simulator = Simulator(account or make_account(), SimulatorConfig(**config), on_answer=answers)
+        server = SimulatorServer(simulator).start()
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+    report = answers.report()
+    if report is not None:
+        pytest.fail(report, pytrace=False)
 
 
 @pytest.fixture
@@ -151,6 +160,31 @@ def sensor_context(
         instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources, cursor=cursor
     ) as context:
         yield context
+
+
+def apply_tick(instance: dg.DagsterInstance, data: dg.SensorExecutionData) -> None:
+    """What the daemon does with a tick's result besides launching runs: store its asset events,
+    then add and delete the dynamic partitions it asks for."""
+    for event in data.asset_events:
+        instance.report_runless_asset_event(event)
+    for request in data.dynamic_partitions_requests or []:
+        keys = list(request.partition_keys)
+        if isinstance(request, dg.AddDynamicPartitionsRequest):
+            known = set(instance.get_dynamic_partitions(request.partitions_def_name))
+            instance.add_dynamic_partitions(request.partitions_def_name, [k for k in keys if k not in known])
+        else:
+            for key in keys:
+                if instance.has_dynamic_partition(request.partitions_def_name, key):
+                    instance.delete_dynamic_partition(request.partitions_def_name, key)
+
+
+def materialize_catalog(
+    defs: dg.Definitions, instance: dg.DagsterInstance, *, raise_on_error: bool = True
+) -> dg.ExecuteInProcessResult:
+    """A run of the catalog's job, as discovery requests it."""
+    return defs.resolve_job_def("activecampaign_segments_job").execute_in_process(
+        instance=instance, resources=defs.resources, raise_on_error=raise_on_error
+    )
 
 
 def materialize_segment(

@@ -21,10 +21,20 @@ import duckdb
 import pytest
 
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, MatchAllRun
+from matchall_dagster.assets import size_note
+from matchall_dagster.catalog import read_catalog
 from matchall_dagster.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.simulator import DEFAULT_TOKEN, Behavior, SimAccount, SimSegment, SimulatorServer
-from matchall_dagster_tests.conftest import CHECKS, UUID_SEGMENT, ServeSimulator, materialize_segment, sensor_context
+from matchall_dagster_tests.conftest import (
+    CHECKS,
+    UUID_SEGMENT,
+    ServeSimulator,
+    apply_tick,
+    materialize_catalog,
+    materialize_segment,
+    sensor_context,
+)
 
 ASSET_KEY = dg.AssetKey("segment_matches")
 DAY = 86_400.0
@@ -92,6 +102,19 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     data = event.step_failure_data
     assert data.user_failure_data is not None
     return str(data.user_failure_data.description)
+
+
+def set_catalog(duckdb_file: Path, segment_id: str, **values: Any) -> None:
+    """Change a segment's catalog row, as a later listing could have counted it."""
+    connection = duckdb.connect(str(duckdb_file))
+    try:
+        for column, value in values.items():
+            connection.execute(
+                f"update main.activecampaign_segments set {column} = ? where segment_id = ?",  # test's own names
+                [value, segment_id],
+            )
+    finally:
+        connection.close()
 
 
 def fast_resource(server: SimulatorServer, **options: Any) -> ActiveCampaignResource:
@@ -180,6 +203,47 @@ def test_manual_materialization_starts_a_run_in_the_chosen_sort_and_records_it(
         assert checks[name].passed, name
         assert checks[name].partition == "10001"
         assert recorded_evaluation(instance, name, "10001", result.run_id).passed
+
+
+def test_a_materialization_names_its_segment_and_notes_a_size_far_from_the_catalog_s(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path
+) -> None:
+    plain = materialization(materialize_segment(defs, instance, "10001"))  # no catalog yet: no name, no failure
+    assert not {"segment_name", "expected_total", "size_note"} & set(plain)
+
+    materialize_catalog(defs, instance)
+    entry = read_catalog(str(duckdb_file), ["10001"])["10001"]
+    set_catalog(duckdb_file, "10001", last_total=10_001, last_run_id="r-0")  # as the listing counts it
+    result = materialize_segment(defs, instance, "10001")
+    metadata = materialization(result)
+    assert metadata["segment_name"] == entry.name
+    assert (metadata["expected_total"], metadata["expected_total_run_id"]) == (10_001, "r-0")
+    assert "size_note" not in metadata  # the count and the read agree
+    logs = [log.user_message for log in instance.all_logs(result.run_id)]
+    assert any(f'of segment 10001 "{entry.name}"' in message for message in logs)
+
+    set_catalog(duckdb_file, "10001", last_total=5_000, last_run_id="r-1")  # an older, smaller count
+    result = materialize_segment(defs, instance, "10001")
+    assert result.success  # a cached count never fails a read
+    metadata = materialization(result)
+    assert metadata["expected_total"] == 5_000
+    assert "Read 10,001 members where ActiveCampaign's latest count was 5,000 (+5,001" in metadata["size_note"]
+    assert any("latest count was 5,000" in log.user_message for log in instance.all_logs(result.run_id))
+
+
+@pytest.mark.parametrize(
+    ("total", "expected", "noted"),
+    [
+        (10_001, 10_001, False),
+        (1_050, 1_000, False),
+        (1_150, 1_000, True),
+        (0, 1_000, True),
+        (15, 0, True),
+        (5, 0, False),
+    ],
+)
+def test_the_size_note_threshold(total: int, expected: int, noted: bool) -> None:
+    assert (size_note(total, expected) is not None) is noted
 
 
 def test_materialization_reads_an_existing_run_without_starting_another(
@@ -436,6 +500,7 @@ def test_schedule_sensors_and_materializations_end_to_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tracked = ["1", "10001", "99"]  # 99 takes an hour to be ready
+    names = {segment.id: segment.name for segment in server.simulator.account.segments}
     monkeypatch.setenv("MATCHALL_SEGMENTS", ",".join(tracked))
     kickoff_job = defs.resolve_job_def("match_all_kickoff_job")
 
@@ -460,17 +525,27 @@ def test_schedule_sensors_and_materializations_end_to_end(
             )
             assert set(evaluations(result)) == set(CHECKS)
             assert all(evaluation.passed for evaluation in evaluations(result).values())
+            assert materialization(result)["segment_name"] == names[request.partition_key]  # from the catalog
             read[request.partition_key] = materialization(result)["run_id"]
         return tick.cursor, read
 
-    # Discovery adds the tracked segments as partitions and asks for their kick-off.
+    # Discovery adds the tracked segments as partitions, asks for their kick-off and for the catalog.
     with sensor_context(instance, defs) as context:
         discovery = defs.resolve_sensor_def("segment_discovery_sensor").evaluate_tick(context)
     (add,) = discovery.dynamic_partitions_requests or []
     assert isinstance(add, dg.AddDynamicPartitionsRequest)
     assert list(add.partition_keys or []) == tracked
-    instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys or []))  # as the daemon does
-    (kickoff,) = discovery.run_requests or []
+    apply_tick(instance, discovery)  # as the daemon does
+    by_job = {request.job_name: request for request in discovery.run_requests or []}
+    assert set(by_job) == {"match_all_kickoff_job", "activecampaign_segments_job"}
+    assert (
+        defs.resolve_job_def("activecampaign_segments_job")
+        .execute_in_process(
+            instance=instance, resources=defs.resources, run_config=by_job["activecampaign_segments_job"].run_config
+        )
+        .success
+    )
+    kickoff = by_job["match_all_kickoff_job"]
     assert kickoff.run_config == {"ops": {"start_match_all_runs": {"config": {"segment_ids": tracked}}}}
     assert kickoff_job.execute_in_process(
         instance=instance, resources=defs.resources, run_config=kickoff.run_config

@@ -8,14 +8,16 @@ import functools
 import io
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -26,6 +28,7 @@ from click.testing import CliRunner, Result
 from matchall_dagster import ActiveCampaignClient, history
 from matchall_dagster import cli as cli_module
 from matchall_dagster.cli import main
+from matchall_dagster.models import Segment
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimulatorServer
 from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, make_account
 
@@ -432,20 +435,130 @@ def test_a_write_failing_half_way_leaves_no_partial_file(
 # -- segments -------------------------------------------------------------------------------------
 
 
+SEGMENTS_HEADER = "segment_id\tlast_total\tlast_run_id\tdiscovery\tname"
+
+
+def no_instance(server: SimulatorServer) -> dict[str, str | None]:
+    return {**api_env(server), "DAGSTER_HOME": None, "MATCHALL_SEGMENTS": None}
+
+
+def listed(server: SimulatorServer) -> list[Segment]:
+    """The listing as the client parses the published shape."""
+    with ActiveCampaignClient(server.url, DEFAULT_TOKEN, requests_per_second=1000) as client:
+        return client.list_segments()
+
+
+def segment_line(segment: Segment, discovery: str) -> str:
+    size = "" if segment.last_total is None else str(segment.last_total)
+    run_id = segment.last_run.run_id if segment.last_run and segment.last_run.run_id else ""
+    return f"{segment.id}\t{size}\t{run_id}\t{discovery}\t{segment.name}"
+
+
 def test_segments_prints_one_tab_separated_line_per_segment(server: SimulatorServer) -> None:
-    result = run_cli(["segments"], api_env(server))
+    with ActiveCampaignClient(server.url, DEFAULT_TOKEN, requests_per_second=1000) as client:
+        client.start_run("1")  # ready at once: the listing counts segment 1 with this run
+    result = run_cli(["segments"], no_instance(server))
     assert result.exit_code == 0, result.stderr
-    expected = [f"{segment.id}\t{segment.size}\t{segment.name}" for segment in make_account().segments]
-    assert result.stdout.splitlines() == expected
-    assert all(line.count("\t") == 2 for line in result.stdout.splitlines())
+    lines = result.stdout.splitlines()
+    assert lines[0] == SEGMENTS_HEADER
+    assert lines[1:] == [segment_line(segment, "new") for segment in listed(server)]
+    assert {segment.id for segment in listed(server)} == {segment.id for segment in make_account().segments}
+    assert any(line.startswith("1\t") and line.split("\t")[2] for line in lines)  # the last run's id
+    assert all(line.count("\t") == 4 for line in lines)
     assert result.stdout.endswith("\n")
+    assert "DAGSTER_HOME is not set" in result.stderr
+    assert "every admitted segment would be added" in result.stderr
     assert DEFAULT_TOKEN not in result.stdout + result.stderr
 
 
-def test_segments_of_an_account_without_any_prints_nothing(serve_simulator: ServeSimulator) -> None:
-    result = run_cli(["segments"], api_env(serve_simulator(SimAccount([]))))
+def test_segments_of_an_account_without_any_prints_the_header_only(serve_simulator: ServeSimulator) -> None:
+    result = run_cli(["segments"], no_instance(serve_simulator(SimAccount([]))))
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == ""
+    assert result.stdout == SEGMENTS_HEADER + "\n"
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, dg.DagsterInstance]]:
+    """An instance in a DAGSTER_HOME of its own (SQLite), as `dagster dev` and the daemon keep one."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        yield home, instance
+
+
+def test_segments_shows_what_discovery_would_do_with_the_instance_s_partitions(
+    server: SimulatorServer, dagster_home: tuple[Path, dg.DagsterInstance]
+) -> None:
+    home, instance = dagster_home
+    account = server.simulator.account
+    account.segments = [s for s in account.segments if s.id not in ("10001", "25001")]
+    instance.add_dynamic_partitions("segments", ["1", "10001", "25001", "9999"])
+    instance.add_dynamic_partitions("deleted_segments", ["25001", "9999"])
+    env = {**api_env(server), "DAGSTER_HOME": str(home), "MATCHALL_SEGMENTS": "1,10000,10001,25001,9999"}
+    result = run_cli(["segments"], env)
+    assert result.exit_code == 0, result.stderr
+    by_id = {line.split("\t")[0]: line.split("\t")[3] for line in result.stdout.splitlines()[1:]}
+    assert {key: by_id[key] for key in ("1", "10000", "9999", "10001", "25001", "100")} == {
+        "1": "tracked",
+        "10000": "new",
+        "9999": "restore",  # marked deleted, listed again
+        "10001": "unlisted",  # marked deleted once two listings in a row miss it
+        "25001": "deleted",
+        "100": "ignored",  # left out by MATCHALL_SEGMENTS
+    }
+    assert "1 tracked partition(s) are not listed" in result.stderr
+    assert result.stdout.splitlines()[-2:] == ["10001\t\t\tunlisted\t", "25001\t\t\tdeleted\t"]
+
+
+def test_segments_refuses_a_bad_allow_list_clearly(server: SimulatorServer) -> None:
+    result = run_cli(["segments"], {**no_instance(server), "MATCHALL_SEGMENTS": "1,a/b"})
+    assert_failed_cleanly(result, ("MATCHALL_SEGMENTS lists a bad id",), None, None)
+
+
+# -- matchall forget ------------------------------------------------------------------------------
+
+
+def test_forget_removes_a_deleted_segment_s_partition_and_keeps_its_rows(
+    dagster_home: tuple[Path, dg.DagsterInstance], tmp_path: Path
+) -> None:
+    home, instance = dagster_home
+    database = tmp_path / "matchall.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("create table segment_matches (segment_id varchar, position bigint, contact_id bigint)")
+        connection.execute("insert into segment_matches values ('7', 1, 42), ('8', 1, 43)")
+    instance.add_dynamic_partitions("segments", ["7", "8"])
+    instance.add_dynamic_partitions("deleted_segments", ["7"])
+    env = {"DAGSTER_HOME": str(home), "MATCHALL_DUCKDB_PATH": str(database)}
+    result = run_cli(["forget", "7"], env)
+    assert result.exit_code == 0, result.stderr
+    assert instance.get_dynamic_partitions("segments") == ["8"]
+    assert instance.get_dynamic_partitions("deleted_segments") == []
+    assert "Its stored rows are kept in" in result.stdout
+    with duckdb.connect(str(database)) as connection:
+        assert connection.execute("select segment_id from segment_matches order by 1").fetchall() == [("7",), ("8",)]
+        # The printed command deletes them (the tables this file holds).
+        command = shlex.split(result.stdout.splitlines()[-1])
+        assert command[:2] == ["duckdb", str(database)]
+        for statement in command[2].split(";"):
+            if "main.segment_matches " in statement:
+                connection.execute(statement)
+        assert connection.execute("select segment_id from segment_matches").fetchall() == [("8",)]
+
+
+def test_forget_refuses_what_it_should_not_remove(dagster_home: tuple[Path, dg.DagsterInstance]) -> None:
+    home, instance = dagster_home
+    instance.add_dynamic_partitions("segments", ["8"])
+    env = {"DAGSTER_HOME": str(home)}
+    assert_failed_cleanly(run_cli(["forget", "9"], env), "is not a partition of segment_matches", None, None)
+    assert_failed_cleanly(run_cli(["forget", "8"], env), ("is not marked deleted", "--force"), None, None)
+    assert instance.get_dynamic_partitions("segments") == ["8"]
+    assert_failed_cleanly(run_cli(["forget", "a/b"], env), "not a valid ActiveCampaign id", None, None)
+    assert_failed_cleanly(run_cli(["forget", "8"], {"DAGSTER_HOME": None}), "DAGSTER_HOME is not set", None, None)
+    forced = run_cli(["forget", "8", "--force"], env)
+    assert forced.exit_code == 0, forced.stderr
+    assert instance.get_dynamic_partitions("segments") == []
 
 
 @pytest.mark.parametrize("case", ["bad token", "no env"])

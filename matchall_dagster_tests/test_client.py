@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import httpx
@@ -24,7 +25,7 @@ from matchall_dagster import (
     UnexpectedResponseError,
 )
 from matchall_dagster.client import count_duplicates
-from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimulatorServer
+from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import PAGING_SIZES, UUID_SEGMENT, ServeSimulator, SleepRecorder
 
 MakeClient = Callable[..., ActiveCampaignClient]
@@ -262,13 +263,125 @@ def test_the_api_token_is_sent_in_its_header_and_error_echoes_are_scrubbed() -> 
     assert "t0ken-XYZ" not in str(caught.value)
 
 
-def test_list_segments_pages_and_treats_404_as_none(serve_simulator: ServeSimulator, make_client: MakeClient) -> None:
-    from matchall_dagster.simulator import SimAccount, SimSegment
-
+def test_list_segments_reads_pages_until_a_short_one(serve_simulator: ServeSimulator, make_client: MakeClient) -> None:
     many = SimAccount([SimSegment(str(i), f"Segment {i}", i) for i in range(1, 2_501)])
-    client = make_client(serve_simulator(many))
-    assert [s.id for s in client.list_segments(page_size=1_000)] == [str(i) for i in range(1, 2_501)]
+    server = serve_simulator(many)
+    client = make_client(server)
+    listed = client.list_segments(page_size=1_000)
+    assert sorted(s.id for s in listed) == sorted(s.id for s in many.segments)  # in the API's order, once each
+    assert server.simulator.stats()["requests"] == 3  # 1,000 + 1,000 + 500: the short page ends it
+    server.simulator.reset_stats()
+    assert len(client.list_segments(page_size=500)) == 2_500
+    assert server.simulator.stats()["requests"] == 6  # five full pages, then a page past the end: data: []
+
+
+def test_list_segments_treats_404_as_no_segments(serve_simulator: ServeSimulator, make_client: MakeClient) -> None:
     assert make_client(serve_simulator(SimAccount([]))).list_segments() == []
+
+
+def test_listed_segments_carry_the_latest_run_of_their_summary(
+    server: SimulatorServer, client: ActiveCampaignClient
+) -> None:
+    run = client.start_run("10001")
+    client.wait_until_ready("10001", run.run_id)
+    (listed,) = [segment for segment in client.list_segments() if segment.id == "10001"]
+    assert listed == client.get_segment("10001")
+    assert listed.name == "10001"
+    assert listed.last_total == 10_001
+    assert listed.last_run is not None
+    assert listed.last_run.run_id == run.run_id
+    assert listed.last_run.run_id_start == run.run_id_start
+    assert listed.created_date is not None
+    assert listed.updated_date is not None
+    assert listed.created_date <= listed.updated_date
+
+
+def _listing(pages: dict[int, bytes], seen: list[httpx.Request]) -> ActiveCampaignClient:
+    """A client whose `GET /api/3/audiences` answers `pages` by page number (404 for others)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        body = pages.get(int(request.url.params["page"]))
+        return httpx.Response(404 if body is None else 200, content=body or b"")
+
+    return ActiveCampaignClient(
+        "https://acct.api-us1.com", "t0ken", transport=httpx.MockTransport(answer), max_retries=1, retry_backoff=0
+    )
+
+
+def _page(*segment_ids: str) -> bytes:
+    items = [{"id": f"9{i}", "type": "audience", "attributes": {"segment_id": i, "name": i}} for i in segment_ids]
+    return json.dumps({"data": items}).encode()
+
+
+def test_a_segment_on_two_pages_is_listed_once(sleeps: SleepRecorder) -> None:
+    seen: list[httpx.Request] = []
+    with _listing({1: _page("a", "b"), 2: _page("b", "c"), 3: _page()}, seen) as client:
+        assert [segment.id for segment in client.list_segments(page_size=2)] == ["a", "b", "c"]
+    assert [(r.url.params["page"], r.url.params["page_size"]) for r in seen] == [("1", "2"), ("2", "2"), ("3", "2")]
+
+
+def test_a_404_after_the_first_page_ends_the_list(sleeps: SleepRecorder) -> None:
+    with _listing({1: _page("a", "b")}, []) as client:
+        assert [segment.id for segment in client.list_segments(page_size=2)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"data": [{"id": "1", "attributes": {"name": "x"}}]}', "data.0.attributes.segment_id"),
+        (b'{"data": [{"id": "1", "type": "audience"}]}', "data.0.attributes"),
+        (b'{"audiences": [{"id": "1", "name": "x"}], "meta": {"total": "1"}}', "data"),
+        (
+            b'{"data": [{"attributes": {"segment_id": "1", "counts": {"last_total": {"count": 1.5}}}}]}',
+            "data.0.attributes.counts.last_total.count",
+        ),
+    ],
+)
+def test_a_list_the_contract_does_not_promise_names_the_bad_field(body: bytes, field: str) -> None:
+    with _listing({1: body}, []) as client, pytest.raises(InvalidResponseError, match=rf"\({re.escape(field)}: "):
+        client.list_segments()
+
+
+def test_get_segment_reads_one_summary_and_404_is_segment_not_found(client: ActiveCampaignClient) -> None:
+    segment = client.get_segment(UUID_SEGMENT)
+    assert segment.id == UUID_SEGMENT
+    assert segment.name == "UUID id"
+    with pytest.raises(SegmentNotFoundError, match="no saved segment '404404'"):
+        client.get_segment("404404")
+
+
+def test_a_summary_of_another_segment_is_refused() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=_page("2"))
+
+    with (
+        ActiveCampaignClient("https://acct.api-us1.com", "t0ken", transport=httpx.MockTransport(answer)) as client,
+        pytest.raises(InvalidResponseError, match=r"names '2' in data\[\]\.attributes\.segment_id"),
+    ):
+        client.get_segment("1")
+
+
+def test_start_run_sends_instant_as_the_documents_empty_flag(server: SimulatorServer) -> None:
+    seen: list[httpx.Request] = []
+    upstream = httpx.Client(base_url=server.url)
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = upstream.get(request.url.raw_path.decode(), headers={"Api-Token": request.headers["Api-Token"]})
+        return httpx.Response(answer.status_code, content=answer.content)
+
+    with (
+        upstream,
+        ActiveCampaignClient(
+            "https://acct.api-us1.com", DEFAULT_TOKEN, transport=httpx.MockTransport(forward)
+        ) as client,
+    ):
+        run = client.start_run("1")
+    assert run.state is RunState.READY or run.state is RunState.RUNNING
+    (request,) = seen
+    assert b"instant=&" in request.url.query  # present, with no value: the documents' enum is [""]
+    assert request.url.params["instant"] == ""
 
 
 def test_requests_reuse_one_connection(server: SimulatorServer, make_client: MakeClient) -> None:

@@ -14,14 +14,17 @@ from typing import Any
 
 import dagster as dg
 import pytest
+from dagster_duckdb import DuckDBResource
 
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource
-from matchall_dagster.checks import ASSET_KEY
+from matchall_dagster.checks import ASSET_KEY, STATUS
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.kickoff import KICKOFF, PENDING, STATUS, match_all_kickoff_job
+from matchall_dagster.deletions import KICKOFF_404
+from matchall_dagster.kickoff import KICKOFF, PENDING, match_all_kickoff_job
 from matchall_dagster.models import MatchAllRun
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
-from matchall_dagster_tests.conftest import ServeSimulator
+from matchall_dagster.storage import duckdb_path
+from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +79,7 @@ def test_unknown_segments_are_skipped_and_api_failures_fail_the_job_after_the_ot
     result = kickoff(instance, defs, segment_ids=["1", "gone-404", "10001"])
     assert result.success  # a segment deleted in ActiveCampaign is not an error of ours
     assert set(pending_by_partition(instance)) == {"1", "10001"}
+    assert instance.get_dynamic_partitions("deleted_segments") == []  # never tracked: nothing to mark
 
     server.simulator.set_faults(Faults(error_rate=1.0))
     impatient = ActiveCampaignResource(api_url=server.url, api_key=DEFAULT_TOKEN, max_retries=0)
@@ -84,6 +88,49 @@ def test_unknown_segments_are_skipped_and_api_failures_fail_the_job_after_the_ot
     failure = failed.get_step_failure_events()[0].step_failure_data.error
     assert failure is not None
     assert "1 of 1 segment(s) could not be started" in failure.message
+
+
+def test_a_tracked_segment_answering_404_is_marked_deleted_and_skipped_by_the_next_kickoff(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, duckdb_file: Path
+) -> None:
+    instance.add_dynamic_partitions("segments", ["1", "10001"])
+    materialize_catalog(defs, instance)
+    name = next(s.name for s in server.simulator.account.segments if s.id == "10001")
+    server.simulator.account.segments = [s for s in server.simulator.account.segments if s.id != "10001"]
+    assert kickoff(instance, defs).success
+    assert instance.get_dynamic_partitions("deleted_segments") == ["10001"]
+    assert "10001" in instance.get_dynamic_partitions("segments")  # the partition (and its rows) stay
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=["10001"]), limit=5
+    ).records
+    (record,) = records
+    assert record.asset_observation is not None
+    metadata = {key: entry.value for key, entry in record.asset_observation.metadata.items()}
+    assert metadata == {STATUS: "deleted", "reason": KICKOFF_404, "segment_name": name}
+    assert f'segment 10001 "{name}"' in str(record.asset_observation.description)
+    assert "matchall forget 10001" in str(record.asset_observation.description)
+
+    server.simulator.reset_stats()
+    again = kickoff(instance, defs)
+    assert again.success
+    assert server.simulator.stats()["requests"] == 1  # segment 1 only
+    assert any("Skipped 1 segment(s) marked deleted" in entry.user_message for entry in instance.all_logs(again.run_id))
+
+
+def test_pending_runs_carry_the_segment_s_name_from_the_catalog(
+    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
+) -> None:
+    instance.add_dynamic_partitions("segments", ["1", "25001"])
+    assert kickoff(instance, defs).success  # no catalog yet: no names, and no failure
+    assert all("segment_name" not in metadata for metadata in pending_by_partition(instance).values())
+    materialize_catalog(defs, instance)
+    assert kickoff(instance, defs).success
+    names = {s.id: s.name for s in server.simulator.account.segments}
+    pending = pending_by_partition(instance)
+    assert {segment_id: metadata["segment_name"] for segment_id, metadata in pending.items()} == {
+        "1": names["1"],
+        "25001": names["25001"],
+    }
 
 
 def test_a_refused_token_stops_the_kickoff_at_the_first_segment(
@@ -211,9 +258,8 @@ def kickoff_job_for_subprocess() -> dg.JobDefinition:
         api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
         requests_per_second=float(os.environ.get("KICKOFF_TEST_RATE", "4")),
     )
-    return dg.Definitions(jobs=[match_all_kickoff_job], resources={"activecampaign": resource}).resolve_job_def(
-        "match_all_kickoff_job"
-    )
+    resources = {"activecampaign": resource, "duckdb": DuckDBResource(database=duckdb_path())}
+    return dg.Definitions(jobs=[match_all_kickoff_job], resources=resources).resolve_job_def("match_all_kickoff_job")
 
 
 _RUN_KICKOFF = """

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from matchall_dagster import InvalidResponseError, RunState
-from matchall_dagster.models import _parse_page_fast, parse_error_details, parse_page, parse_run, parse_segments
+from matchall_dagster.models import (
+    MatchAllRun,
+    _parse_page_fast,
+    parse_error_details,
+    parse_page,
+    parse_run,
+    parse_segments,
+)
 
 RUNNING = {
     "run_id": "744390a5-208e-4c3d-b709-b3c3ea6e5948",
@@ -86,11 +95,95 @@ def test_truncating_a_valid_body_anywhere_is_detected() -> None:
             parse_run(whole[:cut])
 
 
-def test_segments_and_their_total() -> None:
-    raw = b'{"audiences": [{"id": 1, "name": "A", "last_total": "12"}], "meta": {"total": "1"}}'
-    segments, total = parse_segments(raw)
-    assert [(s.id, s.name, s.last_total) for s in segments] == [("1", "A", 12)]
-    assert total == 1
+SUMMARY = {
+    "id": "8094706",
+    "type": "audience",
+    "attributes": {
+        "segment_id": "d2c5a14a-771d-4cc0-a126-3513a5201940",
+        "category": "audience",
+        "name": "Engaged",
+        "counts": {
+            "last_total": {
+                "count": 1500,
+                "last_total_updated": "2024-01-30T14:56:02.952Z",
+                "run_id": "744390a5-208e-4c3d-b709-b3c3ea6e5948",
+                "run_id_start": "2024-01-30T15:56:02.952Z",
+                "run_id_end": "2024-01-30T15:56:04.952Z",
+            },
+            "last_active_total": {"count": 900},
+        },
+        "created_date": "2024-01-30T14:56:02.952Z",
+        "updated_date": "2024-03-12T14:56:02.952Z",
+        "last_used_date": "2025-07-13T14:56:02.952Z",
+    },
+}
+
+
+def summaries(*items: dict[str, Any]) -> bytes:
+    return json.dumps({"data": list(items)}).encode()
+
+
+def test_a_summary_is_read_by_its_attributes_segment_id_never_its_own_id() -> None:
+    (segment,) = parse_segments(summaries(SUMMARY))
+    assert segment.id == "d2c5a14a-771d-4cc0-a126-3513a5201940"
+    assert segment.name == "Engaged"
+    assert segment.last_total == 1500
+    assert segment.last_run is not None
+    assert segment.last_run.run_id == "744390a5-208e-4c3d-b709-b3c3ea6e5948"
+    assert segment.last_run.run_id_end is not None
+    assert segment.last_run.run_id_start is not None
+    assert segment.last_run.run_id_end - segment.last_run.run_id_start == timedelta(seconds=2)
+    assert segment.updated_date is not None
+    assert segment.created_date is not None
+    assert segment.created_date < segment.updated_date
+
+
+@pytest.mark.parametrize(
+    ("counts", "last_total"),
+    [({"last_total": {"count": 1500.0}}, 1500), ({"last_active_total": {"count": 3}}, None), (None, None)],
+    ids=["a float of integral value", "no last_total", "no counts"],
+)
+def test_counts_are_a_number_and_may_be_missing(counts: dict[str, Any] | None, last_total: int | None) -> None:
+    attributes = {"segment_id": "7"} | ({} if counts is None else {"counts": counts})
+    (segment,) = parse_segments(summaries({"attributes": attributes}))
+    assert segment.last_total == last_total
+    assert isinstance(segment.last_total, int | None)
+
+
+def test_an_empty_page_of_segments_is_an_empty_list() -> None:
+    assert parse_segments(b'{"data": []}') == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (summaries({"id": "1", "attributes": {"name": "x"}}), "data.0.attributes.segment_id"),
+        (summaries(SUMMARY, {"id": "2", "type": "audience"}), "data.1.attributes"),
+        (summaries({"attributes": {"segment_id": "a/b"}}), "data.0.attributes.segment_id"),
+        (
+            summaries({"attributes": {"segment_id": "1", "counts": {"last_total": {"count": 1.5}}}}),
+            "data.0.attributes.counts.last_total.count",
+        ),
+        (
+            summaries({"attributes": {"segment_id": "1", "counts": {"last_total": {"count": -1}}}}),
+            "data.0.attributes.counts.last_total.count",
+        ),
+        (summaries({"attributes": {"segment_id": "1", "created_date": "yesterday"}}), "data.0.attributes.created_date"),
+        (b'{"audiences": [{"id": 1, "name": "A", "last_total": "12"}], "meta": {"total": "1"}}', "data"),
+    ],
+    ids=[
+        "no segment_id",
+        "no attributes",
+        "a segment id we could not send",
+        "a fraction",
+        "negative",
+        "no date",
+        "old",
+    ],
+)
+def test_a_broken_list_names_the_field(raw: bytes, field: str) -> None:
+    with pytest.raises(InvalidResponseError, match=rf"\({re.escape(field)}: "):
+        parse_segments(raw)
 
 
 @pytest.mark.parametrize("raw", [b"", b"null", b"[]", b'{"errors": "x"}', b"<html>"])
@@ -137,11 +230,11 @@ def test_fuzz_the_parsers_raise_only_their_own_error(data: bytes) -> None:
             parsed = parse(data)
         except InvalidResponseError:
             continue
-        if parse is parse_run:  # whatever parses keeps the contract's invariants
-            run = parsed
-            assert not isinstance(run, tuple)
-            assert all(isinstance(i, int) and 1 <= i < 2**63 for i in run.matches or [])
-            assert run.page is None or run.page.total >= 0
+        if isinstance(parsed, MatchAllRun):  # whatever parses keeps the contract's invariants
+            assert all(isinstance(i, int) and 1 <= i < 2**63 for i in parsed.matches or [])
+            assert parsed.page is None or parsed.page.total >= 0
+        else:
+            assert all(segment.last_total is None or segment.last_total >= 0 for segment in parsed)
     parse_error_details(data)  # never raises
 
 

@@ -884,12 +884,25 @@ def _bad_answers() -> list[Any]:
             "disagrees with the first page",
         ),
         _inconsistent("an id on two pages", {2: _page(2, [13, 14])}, "more than once"),
-        _invalid("audiences is a string", {}, b'{"audiences": "1,2"}'),
-        _invalid("an audience without id", {}, b'{"audiences": [{"name": "x"}]}'),
-        _invalid("a negative audience total", {}, b'{"audiences": [], "meta": {"total": -1}}'),
+        _invalid("the segment list is a string", {}, b'{"data": "1,2"}'),
+        _invalid("a summary without segment_id", {}, b'{"data": [{"id": "1", "attributes": {"name": "x"}}]}'),
+        _invalid("a summary without attributes", {}, b'{"data": [{"id": "1", "type": "audience"}]}'),
+        _invalid(
+            "a negative last_total",
+            {},
+            b'{"data": [{"attributes": {"segment_id": "1", "counts": {"last_total": {"count": -1}}}}]}',
+        ),
+        _invalid(
+            "a fractional last_total",
+            {},
+            b'{"data": [{"attributes": {"segment_id": "1", "counts": {"last_total": {"count": 1.5}}}}]}',
+        ),
+        _invalid(
+            "the invented pre-contract shape", {}, b'{"audiences": [{"id": "1", "name": "x"}], "meta": {"total": 1}}'
+        ),
     ]
     params: list[Any] = [pytest.param(row, id=row.name) for row in rows]
-    hostile_audience = b'{"audiences": [{"id": "1\\n2\\t\\u001b[2J", "name": "x"}]}'
+    hostile_audience = b'{"data": [{"attributes": {"segment_id": "1\\n2\\t\\u001b[2J", "name": "x"}}]}'
     params += [
         pytest.param(row, id=row.name)
         for row in (
@@ -1109,7 +1122,7 @@ def test_a_sort_is_refused_unsent_or_sent_as_exactly_one_parameter(sort: str) ->
             assert seen == []
             return
     (request,) = seen
-    assert request.url.params.multi_items() == [("instant", "1"), ("sort", sort), ("page", "1"), ("page_size", "10000")]
+    assert request.url.params.multi_items() == [("instant", ""), ("sort", sort), ("page", "1"), ("page_size", "10000")]
 
 
 _URL_TEXT = "abcXYZ019-._~!$&'()*+,;=%"

@@ -375,3 +375,37 @@ def test_duckdb_memory_is_capped_unless_configured(duckdb_file: Path, configured
     expected = memory_limit_of(":memory:", {"memory_limit": configured or storage.DEFAULT_MEMORY_LIMIT})
     assert limit == expected
     assert limit != memory_limit_of(":memory:")  # DuckDB's own default differs from both
+
+
+# -- unpartitioned tables ---------------------------------------------------------------------
+
+
+class StandInTable(dg.Config):
+    names: list[str]
+    with_size: bool = False
+
+
+@dg.asset(name="unpartitioned")
+def whole_table(config: StandInTable) -> pd.DataFrame:
+    frame = pd.DataFrame({"name": pd.Series(config.names, dtype="string")})
+    if config.with_size:
+        frame["size"] = pd.Series(range(len(config.names)), dtype="Int64")
+    return frame
+
+
+def test_an_unpartitioned_frame_replaces_the_whole_table_columns_included(
+    instance: dg.DagsterInstance, duckdb_file: Path
+) -> None:
+    def write_table(names: list[str], with_size: bool = False) -> None:
+        assert dg.materialize(
+            [whole_table],
+            run_config={"ops": {"unpartitioned": {"config": {"names": names, "with_size": with_size}}}},
+            instance=instance,
+            resources={"io_manager": MatchallDuckDBIOManager(database=str(duckdb_file), schema="main")},
+        ).success
+
+    write_table([])  # empty: the table still exists, typed
+    assert query(duckdb_file, "select count(*) from main.unpartitioned") == [(0,)]
+    write_table(["a", "b"])
+    write_table(["c"], with_size=True)  # a column more: replaced, not a failed insert
+    assert query(duckdb_file, "select * from main.unpartitioned") == [("c", 0)]

@@ -33,6 +33,7 @@ __all__ = [
     "operations",
     "parameter",
     "sort_grammar",
+    "sort_is_a_list",
     "strict_document",
 ]
 
@@ -53,6 +54,7 @@ RELIED_ON: Mapping[str, tuple[str, ...]] = {
 }
 
 _PLACEHOLDER = re.compile(r"<[^>]+>")
+_INTEGER_FORMATS = {"int32": 32, "int64": 64}
 
 
 @functools.cache
@@ -101,6 +103,12 @@ def parameter(path: str, name: str, method: str = "GET") -> Mapping[str, Any] | 
     return None
 
 
+def sort_is_a_list(path: str) -> bool:
+    """Whether `sort` on `path` is a comma-separated list of keys, as the seed document says in words
+    of the match-all endpoints, rather than one value of its enum (the audiences' list)."""
+    return path.startswith("/api/3/segmentMatch")
+
+
 @functools.cache
 def sort_grammar(path: str) -> str:
     """A regular expression of the `sort` values the documents allow on `path`.
@@ -134,6 +142,12 @@ def _strict(name: str) -> str:
             required = set(schema.get("required", ())) | set(RELIED_ON.get(schema_name, ()))
             if required:
                 schema["required"] = sorted(required)
+            # OpenAPI's integer formats are ranges that JSON Schema validators do not know.
+            for prop in schema.get("properties", {}).values():
+                bits = _INTEGER_FORMATS.get(prop.get("format", "")) if prop.get("type") == "integer" else None
+                if bits:
+                    prop.setdefault("minimum", -(2 ** (bits - 1)))
+                    prop.setdefault("maximum", 2 ** (bits - 1) - 1)
     for path, item in strict["paths"].items():
         for spec in item.values():
             for param in spec.get("parameters", ()):
@@ -141,7 +155,7 @@ def _strict(name: str) -> str:
                 # The documents write integer defaults as strings ("1", "20").
                 if schema.get("type") == "integer" and isinstance(schema.get("default"), str):
                     schema["default"] = int(schema["default"])
-                if param["name"] == "sort" and "enum" in schema and not path.startswith("/api/3/audiences"):
+                if param["name"] == "sort" and "enum" in schema and sort_is_a_list(path):
                     del schema["enum"]
                     schema["pattern"] = sort_grammar(path)
     return json.dumps(strict)
@@ -149,6 +163,9 @@ def _strict(name: str) -> str:
 
 def strict_document(name: str) -> dict[str, Any]:
     """The document with every object closed and the fields the client relies on required.
+
+    Also: integer defaults written as strings become integers, `int32`/`int64` formats become
+    bounds, and the match-all sort enum becomes its grammar (`sort_grammar`).
 
     Derived here from the published text, so that it follows the documents; a fresh copy each call.
     """

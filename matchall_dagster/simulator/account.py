@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-
-from matchall_dagster.validation import SortKey, parse_sort
 
 ContactIds = npt.NDArray[np.int64]
 
@@ -35,6 +35,31 @@ _CARDINALITY = {
     "score": 101,
     "field": 50,
 }
+_NUMBERED = re.compile(r"(?:score|field)[0-9]+")
+
+
+class SortKey(NamedTuple):
+    field: str
+    descending: bool = False
+
+    def __str__(self) -> str:
+        return ("-" if self.descending else "") + self.field
+
+
+def sort_keys(sort: str) -> tuple[SortKey, ...]:
+    """The keys of a sort the app has checked against the documents' grammar, as they order.
+
+    The documents do not forbid naming a key twice ("email,-email"); the first mention decides and
+    a repeat adds nothing (a guess: nothing published says what the API does). Bare `score` and
+    `field` (the seed document's spelling) are keys of their own.
+    """
+    keys: dict[str, SortKey] = {}
+    for raw in sort.split(","):
+        name = raw.removeprefix("-")
+        if name != "id" and name not in _CARDINALITY and not _NUMBERED.fullmatch(name):
+            raise ValueError(f"no sort key {name!r}")
+        keys.setdefault(name, SortKey(name, raw.startswith("-")))
+    return tuple(keys.values())
 
 
 class Behavior(enum.Enum):
@@ -66,7 +91,8 @@ class SimSegment:
         return bool(self.churn or self.growth)
 
 
-def _seed_of(*parts: object) -> int:
+def seed_of(*parts: object) -> int:
+    """A stable 64-bit number of `parts`: every seeded choice of the simulator derives from one."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
@@ -100,7 +126,7 @@ class SimAccount:
 
     def segment_timestamp(self, segment: SimSegment) -> datetime:
         base = datetime(2026, 1, 1, tzinfo=UTC)
-        return base + timedelta(seconds=_seed_of(self.seed, segment.id, "ts") % (200 * 86_400))
+        return base + timedelta(seconds=seed_of(self.seed, segment.id, "ts") % (200 * 86_400))
 
     def members(self, segment_id: str, generation: int = 0) -> ContactIds:
         """The segment's contact ids at a generation, in ascending order (distinct, positive)."""
@@ -112,7 +138,7 @@ class SimAccount:
             known = max((g for (sid, g) in self._members if sid == segment_id and g <= generation), default=-1)
             ids = self._members.get((segment_id, known))
         if ids is None:
-            rng = np.random.default_rng(_seed_of(self.seed, segment.id))
+            rng = np.random.default_rng(seed_of(self.seed, segment.id))
             gaps = rng.integers(1, 16, size=segment.size, dtype=np.int64)
             ids, known = np.cumsum(gaps) + int(rng.integers(0, 1_000)), 0
         for step in range(known + 1, generation + 1):  # each generation from the one before
@@ -122,11 +148,11 @@ class SimAccount:
 
     def _evolve(self, segment: SimSegment, previous: ContactIds, generation: int) -> ContactIds:
         """Generation n from n-1: a seeded `churn` share leaves, and new, higher ids join."""
-        hashed = _mix(previous.astype(np.uint64), _seed_of(self.seed, segment.id, generation))
+        hashed = _mix(previous.astype(np.uint64), seed_of(self.seed, segment.id, generation))
         leaving = hashed % np.uint64(1 << 20) < np.uint64(round(segment.churn * (1 << 20)))
         staying = previous[~leaving]
         joining = max(0, round(previous.size * (1 + segment.growth)) - staying.size)
-        rng = np.random.default_rng(_seed_of(self.seed, segment.id, generation, "join"))
+        rng = np.random.default_rng(seed_of(self.seed, segment.id, generation, "join"))
         start = int(previous[-1]) if previous.size else 0
         joined = start + np.cumsum(rng.integers(1, 16, size=joining, dtype=np.int64))
         return np.concatenate([staying, joined])
@@ -136,12 +162,12 @@ class SimAccount:
         if key == "id":
             return contact_ids
         base = key.rstrip("0123456789")
-        hashed = _mix(contact_ids.astype(np.uint64), _seed_of(self.seed, key))
+        hashed = _mix(contact_ids.astype(np.uint64), seed_of(self.seed, key))
         return (hashed % np.uint64(_CARDINALITY[base])).astype(np.int64)
 
     def ordered(self, segment_id: str, sort: str = "id", generation: int = 0) -> ContactIds:
         """The ground truth: the segment's members in the order the API returns for `sort`."""
-        keys = parse_sort(sort, allow_bare_field=True)
+        keys = sort_keys(sort)
         canonical = ",".join(map(str, keys))
         if generation:  # only runs of evolving segments have one; the lookup stays off the page path
             segment = self.segment(segment_id)
