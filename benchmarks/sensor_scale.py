@@ -41,10 +41,10 @@ from typing import Any
 import dagster as dg
 
 from matchall_dagster import ActiveCampaignClient
-from matchall_dagster import sensors as readiness
+from matchall_dagster.api.models import RunStatus
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.kickoff import pending_observation
-from matchall_dagster.models import RunStatus
+from matchall_dagster.orchestration import sensors as readiness
+from matchall_dagster.orchestration.kickoff import pending_observation
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,

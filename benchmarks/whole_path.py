@@ -20,10 +20,10 @@ from typing import Any
 
 import dagster as dg
 
-from matchall_dagster.assets import segment_matches
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.partitions import segments_partitions
-from matchall_dagster.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.assets import segment_matches
+from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
 RPS_VARIABLE = "MATCHALL_BENCH_RPS"
 DB_VARIABLE = "MATCHALL_BENCH_DB"

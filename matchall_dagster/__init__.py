@@ -3,8 +3,8 @@
 import warnings as _warnings
 from typing import TYPE_CHECKING
 
-from matchall_dagster.client import ActiveCampaignClient, MatchList, MatchPage
-from matchall_dagster.errors import (
+from matchall_dagster.api.client import ActiveCampaignClient, MatchList, MatchPage
+from matchall_dagster.api.errors import (
     ActiveCampaignError,
     APIUnavailableError,
     AuthenticationError,
@@ -18,10 +18,10 @@ from matchall_dagster.errors import (
     SegmentNotFoundError,
     UnexpectedResponseError,
 )
-from matchall_dagster.models import MatchAllRun, PageInfo, RunState, RunStatus, Segment
+from matchall_dagster.api.models import MatchAllRun, PageInfo, RunState, RunStatus, Segment
 
 if TYPE_CHECKING:
-    from matchall_dagster.resource import ActiveCampaignResource
+    from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
 # Known and accepted, so kept out of every process's log: partitioned asset checks are a preview
 # of Dagster 1.13 (see the README), and Dagster's Definitions warns about a beta parameter that it
@@ -33,7 +33,7 @@ _warnings.filterwarnings("ignore", message="Parameter `owners` of initializer `S
 def __getattr__(name: str) -> object:
     # The resource imports Dagster (half a second); the client and the command line do not need it.
     if name == "ActiveCampaignResource":
-        from matchall_dagster.resource import ActiveCampaignResource
+        from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
         return ActiveCampaignResource
     raise AttributeError(f"module 'matchall_dagster' has no attribute {name!r}")

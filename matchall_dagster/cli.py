@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pa_parquet
 
-from matchall_dagster.client import ActiveCampaignClient, ContactIds
-from matchall_dagster.errors import ActiveCampaignError, InvalidInputError
-from matchall_dagster.models import MatchAllRun, Segment
+from matchall_dagster.api.client import ActiveCampaignClient, ContactIds
+from matchall_dagster.api.errors import ActiveCampaignError, InvalidInputError
+from matchall_dagster.api.models import MatchAllRun, Segment
+from matchall_dagster.api.validation import DEFAULT_SORT
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, demo_account, serve
-from matchall_dagster.validation import DEFAULT_SORT
 
 FORMATS = ("csv", "parquet", "jsonl")
 _JSONL_CHUNK = 100_000
@@ -157,7 +157,7 @@ def segments() -> None:
     partitions ActiveCampaign does not list: unlisted (marked deleted once two listings in a row miss
     it) or deleted (marked). Without DAGSTER_HOME every admitted segment shows as new. Read-only.
     """
-    from matchall_dagster.partitions import tracked
+    from matchall_dagster.orchestration.partitions import tracked
 
     try:
         listed = _listing()
@@ -172,7 +172,7 @@ def segments() -> None:
             "DAGSTER_HOME is not set: no instance to compare with; every admitted segment would be added.", err=True
         )
     else:
-        from matchall_dagster.deletions import deleted_ids
+        from matchall_dagster.orchestration.deletions import deleted_ids
 
         with instance:
             partitions = set(instance.get_dynamic_partitions("segments"))
@@ -191,8 +191,8 @@ def segments() -> None:
         click.echo(f"{segment.id}\t{size}\t{_one_line(run_id)}\t{action}\t{_one_line(segment.name)}")
     unlisted = sorted(partitions - {segment.id for segment in listed})
     if unlisted:
-        from matchall_dagster.catalog import read_catalog
-        from matchall_dagster.storage import duckdb_path
+        from matchall_dagster.orchestration.catalog import read_catalog
+        from matchall_dagster.storage.io_manager import duckdb_path
 
         known = read_catalog(duckdb_path(), unlisted, patience=0.5)
         for segment_id in unlisted:
@@ -228,11 +228,11 @@ def forget(segment_id: str, force: bool) -> None:
     Its stored rows (tables segment_matches and segment_membership_changes in the DuckDB file) and its
     event history are kept; the command prints how to delete the rows. Needs DAGSTER_HOME.
     """
-    from matchall_dagster import history
-    from matchall_dagster.deletions import NotForgettableError
-    from matchall_dagster.deletions import forget as forget_segment
-    from matchall_dagster.storage import duckdb_path
-    from matchall_dagster.validation import validate_id
+    from matchall_dagster.api.validation import validate_id
+    from matchall_dagster.orchestration.deletions import NotForgettableError
+    from matchall_dagster.orchestration.deletions import forget as forget_segment
+    from matchall_dagster.storage import history
+    from matchall_dagster.storage.io_manager import duckdb_path
 
     try:
         validate_id(segment_id)
@@ -274,8 +274,8 @@ def changes(segment_id: str, since: str | None, database: Path | None, contacts:
     """Who joined and who left SEGMENT_ID at each materialization: one line per step, or every contact."""
     import duckdb
 
-    from matchall_dagster import history
-    from matchall_dagster.storage import duckdb_path
+    from matchall_dagster.storage import history
+    from matchall_dagster.storage.io_manager import duckdb_path
 
     start = _parse_since(since) if since else None
     path = database or Path(duckdb_path())

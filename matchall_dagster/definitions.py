@@ -12,14 +12,14 @@ from __future__ import annotations
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from matchall_dagster.assets import segment_matches
-from matchall_dagster.catalog import activecampaign_segments, activecampaign_segments_job
-from matchall_dagster.changes import membership_changes_sensor, segment_membership_changes
-from matchall_dagster.checks import matches_complete, run_not_expired, run_not_failed
-from matchall_dagster.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
-from matchall_dagster.resource import ActiveCampaignResource
-from matchall_dagster.sensors import match_all_readiness_sensor, segment_discovery_sensor
-from matchall_dagster.storage import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager, duckdb_path
+from matchall_dagster.orchestration.assets import segment_matches
+from matchall_dagster.orchestration.catalog import activecampaign_segments, activecampaign_segments_job
+from matchall_dagster.orchestration.changes import membership_changes_sensor, segment_membership_changes
+from matchall_dagster.orchestration.checks import matches_complete, run_not_expired, run_not_failed
+from matchall_dagster.orchestration.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.sensors import match_all_readiness_sensor, segment_discovery_sensor
+from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager, duckdb_path
 
 
 def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:

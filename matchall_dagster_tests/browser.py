@@ -24,8 +24,8 @@ from playwright._impl._sync_base import EventContextManager  # what Page.expect_
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, Response, expect, sync_playwright
 
-from matchall_dagster.kickoff import match_all_kickoff_schedule
-from matchall_dagster.sensors import match_all_readiness_sensor
+from matchall_dagster.orchestration.kickoff import match_all_kickoff_schedule
+from matchall_dagster.orchestration.sensors import match_all_readiness_sensor
 from matchall_dagster_tests.deployment import Deployment
 
 CHROMIUM = Path("/usr/bin/chromium")

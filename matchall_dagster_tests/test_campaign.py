@@ -50,9 +50,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, storage
-from matchall_dagster.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource
 from matchall_dagster.definitions import build_definitions
+from matchall_dagster.orchestration.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,
@@ -64,6 +64,7 @@ from matchall_dagster.simulator import (
     SimulatorServer,
 )
 from matchall_dagster.simulator.app import SimRun
+from matchall_dagster.storage import io_manager as storage
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment
 
 SEED_VARIABLE = "MATCHALL_CAMPAIGN_SEED"

@@ -25,11 +25,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
-from matchall_dagster import ActiveCampaignClient, history
+from matchall_dagster import ActiveCampaignClient
 from matchall_dagster import cli as cli_module
+from matchall_dagster.api.models import Segment
 from matchall_dagster.cli import main
-from matchall_dagster.models import Segment
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimulatorServer
+from matchall_dagster.storage import history
 from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, make_account
 
 MakeClient = Callable[..., ActiveCampaignClient]

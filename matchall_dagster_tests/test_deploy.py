@@ -35,8 +35,8 @@ from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from matchall_dagster.definitions import defs as project_defs
-from matchall_dagster.resource import ActiveCampaignResource
-from matchall_dagster.sensors import SENSOR_REQUESTS_PER_SECOND
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.sensors import SENSOR_REQUESTS_PER_SECOND
 from matchall_dagster.simulator import DEFAULT_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,11 @@ import pyarrow as pa
 import pytest
 
 from matchall_dagster import ActiveCampaignClient
-from matchall_dagster.assets import members_frame
-from matchall_dagster.client import MatchList
-from matchall_dagster.partitions import segments_partitions
+from matchall_dagster.api.client import MatchList
+from matchall_dagster.orchestration.assets import members_frame
+from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.simulator import SimAccount, SimSegment, SimulatorServer
-from matchall_dagster.storage import MatchallDuckDBIOManager
+from matchall_dagster.storage.io_manager import MatchallDuckDBIOManager
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment
 
 T = TypeVar("T")
@@ -170,7 +170,7 @@ def test_a_materialization_with_its_checks_stays_within_the_buffers(
     """The real asset and its checks in one process: ids, positions, index; nothing per row
     besides (matches_complete counts in DuckDB, it does not load the rows)."""
     from matchall_dagster.definitions import build_definitions
-    from matchall_dagster.resource import ActiveCampaignResource
+    from matchall_dagster.orchestration.resource import ActiveCampaignResource
     from matchall_dagster.simulator import DEFAULT_TOKEN
 
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", big_server.url)

@@ -17,14 +17,14 @@ import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config  # what loading DAGSTER_HOME runs
 
-from matchall_dagster.changes import CHANGES_KEY, membership_changes_sensor
-from matchall_dagster.checks import API_POOL, ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.definitions import defs as project_defs
-from matchall_dagster.history import CHANGES_TABLE, JOINED, LEFT, STEPS_TABLE
-from matchall_dagster.resource import ActiveCampaignResource
-from matchall_dagster.sensors import SENSOR_REQUESTS_PER_SECOND
+from matchall_dagster.orchestration.changes import CHANGES_KEY, membership_changes_sensor
+from matchall_dagster.orchestration.checks import API_POOL, ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.sensors import SENSOR_REQUESTS_PER_SECOND
 from matchall_dagster.simulator import DEFAULT_TOKEN, Simulator
-from matchall_dagster.storage import TABLE
+from matchall_dagster.storage.history import CHANGES_TABLE, JOINED, LEFT, STEPS_TABLE
+from matchall_dagster.storage.io_manager import TABLE
 from matchall_dagster_tests import deployment as harness
 from matchall_dagster_tests.deployment import DEPLOY_CONFIG, REPO, Deployment, database_exists, free_port
 

@@ -61,11 +61,11 @@ from matchall_dagster import (
     UnexpectedResponseError,
     sensors,
 )
-from matchall_dagster.checks import ASSET_KEY
+from matchall_dagster.api.validation import validate_api_url
 from matchall_dagster.cli import main
 from matchall_dagster.definitions import build_definitions
+from matchall_dagster.orchestration.checks import ASSET_KEY
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, SimulatorServer
-from matchall_dagster.validation import validate_api_url
 from matchall_dagster_tests.conftest import ServeSimulator, make_account
 
 # Recognisable, and with '/' and '+' so that its percent- and base64-encoded forms differ from it.

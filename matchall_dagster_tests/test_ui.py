@@ -25,10 +25,10 @@ import pytest
 import yaml
 from playwright.sync_api import expect
 
-from matchall_dagster.changes import CHANGES_KEY
-from matchall_dagster.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_FAILED
-from matchall_dagster.partitions import segments_partitions
-from matchall_dagster.storage import TABLE
+from matchall_dagster.orchestration.changes import CHANGES_KEY
+from matchall_dagster.orchestration.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_FAILED
+from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.storage.io_manager import TABLE
 from matchall_dagster_tests import browser
 from matchall_dagster_tests.browser import (
     CHROMIUM_ARGS,

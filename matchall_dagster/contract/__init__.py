@@ -42,7 +42,7 @@ COMPANION = "segments-companion.openapi.json"
 DOCUMENTS = (SEED, COMPANION)
 
 # What the client's models require, per published schema; nothing else is required of an answer.
-# `matchall_dagster_tests/test_contract.py` checks this table against the models both ways.
+# `matchall_dagster_tests/contract/test_contract.py` checks this table against the models both ways.
 RELIED_ON: Mapping[str, tuple[str, ...]] = {
     "MatchAllResponseRootDO": ("data",),
     "MatchAllDataDO": ("attributes",),

@@ -1,0 +1,1 @@
+"""The Match-All API client: transport, endpoints, paging, models, errors, validation; no Dagster import."""

@@ -1,0 +1,254 @@
+"""`activecampaign_segments`: the account's saved segments as a table analysts can search.
+
+One row per segment that ActiveCampaign lists, plus the tracked segments it no longer lists (kept
+from the previous table, so their names stay known): name, latest known size and run, dates, and
+`status` (`active`, or `deleted` once discovery or a kick-off marked it, see `deletions`). The
+discovery sensor requests a refresh when the listing changes. The same table is where the rest of
+the project finds a segment's name and expected size (`read_catalog`): a local read, no request.
+"""
+
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pandas as pd
+from dagster_duckdb import DuckDBResource
+
+from matchall_dagster.api.errors import ActiveCampaignError
+from matchall_dagster.api.models import Segment
+from matchall_dagster.orchestration.checks import API_POOL
+from matchall_dagster.orchestration.deletions import deleted_ids
+from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
+
+CATALOG_KEY = dg.AssetKey("activecampaign_segments")
+CATALOG_TABLE = "activecampaign_segments"
+CATALOG_JOB = "activecampaign_segments_job"
+ACTIVE = "active"
+DELETED = "deleted"
+PREVIEW_ROWS = 20
+LIST_PAGE_SIZE = 10_000  # the API's largest page: one request per 10,000 segments
+
+# (name, DuckDB type, pandas dtype, description): the table's columns, in order.
+_TIMESTAMP = "datetime64[us, UTC]"
+COLUMNS: tuple[tuple[str, str, Any, str], ...] = (
+    ("segment_id", "VARCHAR", "string", "The id the match-all endpoints take (attributes.segment_id)."),
+    ("name", "VARCHAR", "string", "The segment's name in ActiveCampaign."),
+    ("status", "VARCHAR", "string", "active: listed by ActiveCampaign; deleted: no longer there (rows kept)."),
+    ("tracked", "BOOLEAN", "boolean", "Has a partition of segment_matches (found by discovery, admitted)."),
+    ("last_total", "BIGINT", "Int64", "Members counted by the latest run (counts.last_total.count; cached)."),
+    ("last_total_updated", "TIMESTAMP WITH TIME ZONE", _TIMESTAMP, "When ActiveCampaign updated last_total."),
+    ("last_run_id", "VARCHAR", "string", "The run that counted last_total."),
+    ("last_run_start", "TIMESTAMP WITH TIME ZONE", _TIMESTAMP, "That run's start."),
+    ("last_run_end", "TIMESTAMP WITH TIME ZONE", _TIMESTAMP, "That run's end (empty while it runs)."),
+    ("created_date", "TIMESTAMP WITH TIME ZONE", _TIMESTAMP, "When the segment was created."),
+    ("updated_date", "TIMESTAMP WITH TIME ZONE", _TIMESTAMP, "When its definition last changed."),
+    ("last_used_date", "TIMESTAMP WITH TIME ZONE", _TIMESTAMP, "When it was last used in ActiveCampaign."),
+)
+_NAMES = tuple(name for name, *_ in COLUMNS)
+COLUMN_SCHEMA = dg.TableSchema(
+    columns=[dg.TableColumn(name=name, type=kind, description=text) for name, kind, _, text in COLUMNS]
+)
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """What the rest of the project reads of a segment's row."""
+
+    segment_id: str
+    name: str | None
+    status: str
+    last_total: int | None
+    last_run_id: str | None
+
+
+def _row(segment: Segment, *, tracked: bool) -> dict[str, Any]:
+    run = segment.last_run
+    return {
+        "segment_id": segment.id,
+        "name": segment.name,
+        "status": ACTIVE,
+        "tracked": tracked,
+        "last_total": segment.last_total,
+        "last_total_updated": run.last_total_updated if run else None,
+        "last_run_id": run.run_id if run else None,
+        "last_run_start": run.run_id_start if run else None,
+        "last_run_end": run.run_id_end if run else None,
+        "created_date": segment.created_date,
+        "updated_date": segment.updated_date,
+        "last_used_date": segment.last_used_date,
+    }
+
+
+def catalog_frame(
+    listed: Iterable[Segment],
+    previous: pd.DataFrame | None,
+    partitions: Collection[str],
+    deleted: Collection[str],
+) -> pd.DataFrame:
+    """The table's rows: every listed segment, then each tracked one no longer listed.
+
+    A listed segment is active (the discovery sensor unmarks it on its next tick). An unlisted
+    partition keeps its previous row, `deleted` once marked; a segment neither listed nor a
+    partition (forgotten, or never tracked) leaves the table.
+    """
+    rows = [_row(segment, tracked=segment.id in partitions) for segment in listed]
+    seen = {row["segment_id"] for row in rows}
+    kept: dict[str, dict[Any, Any]] = {}
+    if previous is not None:
+        for record in previous.to_dict("records"):
+            kept[str(record["segment_id"])] = record
+    for segment_id in sorted(set(partitions) - seen):
+        row = dict.fromkeys(_NAMES)
+        row.update({key: value for key, value in kept.get(segment_id, {}).items() if key in row})
+        row.update(segment_id=segment_id, tracked=True, status=DELETED if segment_id in deleted else ACTIVE)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(_NAMES), dtype=object)
+    for name, _, dtype, _ in COLUMNS:
+        column = frame[name].where(frame[name].notna(), None)
+        frame[name] = pd.to_datetime(column, utc=True).astype(dtype) if dtype == _TIMESTAMP else column.astype(dtype)
+    return frame
+
+
+def _md(text: object) -> str:
+    return "" if text is None or text is pd.NA else str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _preview(frame: pd.DataFrame) -> dg.MetadataValue:
+    head = frame.sort_values(["name", "segment_id"], na_position="last").head(PREVIEW_ROWS)
+    lines = ["| name | segment_id | last_total | status |", "|---|---|---|---|"]
+    for row in head.itertuples(index=False):
+        total: Any = row.last_total
+        size = "" if pd.isna(total) else f"{int(total):,}"
+        lines.append(f"| {_md(row.name)} | {_md(row.segment_id)} | {size} | {row.status} |")
+    if len(frame) > PREVIEW_ROWS:
+        lines.append(f"| ... | ({len(frame) - PREVIEW_ROWS:,} more) | | |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _connect(database: str, patience: float) -> duckdb.DuckDBPyConnection | None:
+    """A read-only connection, or None: no file yet, or a writer holding it longer than `patience` s."""
+    if not Path(database).is_file():
+        return None
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(database, read_only=True)
+        except duckdb.Error:
+            if time.monotonic() + delay > deadline:
+                return None
+            time.sleep(delay)
+            delay *= 2
+
+
+def read_catalog(
+    database: str, segment_ids: Collection[str] | None = None, *, patience: float = 2.0
+) -> dict[str, CatalogEntry]:
+    """The catalog's entries (of `segment_ids`, or all), by id; empty when there is no catalog yet
+    or the file stays locked: a name or an expected size is never worth failing a step for."""
+    connection = _connect(database, patience)
+    if connection is None:
+        return {}
+    try:
+        exists = connection.execute(
+            "select count(*) from information_schema.tables where table_schema = 'main' and table_name = ?",
+            [CATALOG_TABLE],
+        ).fetchall()
+        if not exists[0][0]:
+            return {}
+        query = f"select segment_id, name, status, last_total, last_run_id from main.{CATALOG_TABLE}"  # noqa: S608  # constant names
+        if segment_ids is not None and len(segment_ids) == 1:
+            rows = connection.execute(query + " where segment_id = ?", list(segment_ids)).fetchall()
+        else:
+            rows = connection.execute(query).fetchall()
+    except duckdb.Error:
+        return {}
+    finally:
+        connection.close()
+    wanted = None if segment_ids is None else set(segment_ids)
+    return {
+        str(row[0]): CatalogEntry(
+            segment_id=str(row[0]),
+            name=row[1],
+            status=str(row[2]),
+            last_total=None if row[3] is None else int(row[3]),
+            last_run_id=row[4],
+        )
+        for row in rows
+        if wanted is None or row[0] in wanted
+    }
+
+
+def names_of(entries: Mapping[str, CatalogEntry]) -> dict[str, str]:
+    return {segment_id: entry.name for segment_id, entry in entries.items() if entry.name}
+
+
+def _previous(database: str, log: Any) -> pd.DataFrame | None:
+    connection = _connect(database, patience=10.0)
+    if connection is None:
+        return None
+    try:
+        return connection.execute(f"select * from main.{CATALOG_TABLE}").df()  # noqa: S608  # a constant name
+    except duckdb.CatalogException:
+        return None
+    except duckdb.Error as exc:
+        log.warning(f"Could not read the previous catalog ({exc}); segments no longer listed keep no name.")
+        return None
+    finally:
+        connection.close()
+
+
+@dg.asset(
+    key=CATALOG_KEY,
+    pool=API_POOL,
+    kinds={"duckdb", "pandas"},
+    metadata={"dagster/column_schema": COLUMN_SCHEMA},
+    description="The account's saved segments (GET /api/3/audiences): id, name, latest known size and run, dates, "
+    "and whether ActiveCampaign still has them (status). Refreshed by segment_discovery_sensor when the listing "
+    "changes; table main.activecampaign_segments.",
+)
+def activecampaign_segments(
+    context: dg.AssetExecutionContext,
+    activecampaign: ActiveCampaignResource,
+    duckdb: DuckDBResource,
+) -> dg.Output[pd.DataFrame]:
+    try:
+        with activecampaign.get_client() as client:
+            listed = client.list_segments(page_size=LIST_PAGE_SIZE)
+            requests = client.requests_sent
+    except ActiveCampaignError as exc:
+        raise dg.Failure(description=f"{exc} The previous catalog is kept.") from None
+    assert segments_partitions.name is not None
+    partitions = set(context.instance.get_dynamic_partitions(segments_partitions.name))
+    deleted = deleted_ids(context.instance)
+    frame = catalog_frame(listed, _previous(duckdb.database, context.log), partitions, deleted)
+    counts = frame["status"].value_counts()
+    context.log.info(
+        f"{len(listed):,} segment(s) listed in {requests} request(s); the catalog holds {len(frame):,} "
+        f"({int(counts.get(DELETED, 0)):,} deleted)."
+    )
+    return dg.Output(
+        frame,
+        metadata={
+            "dagster/row_count": len(frame),
+            "dagster/column_schema": COLUMN_SCHEMA,
+            "listed": len(listed),
+            "active": int(counts.get(ACTIVE, 0)),
+            "deleted": int(counts.get(DELETED, 0)),
+            "tracked": int(frame["tracked"].sum()),
+            "requests": requests,
+            "preview": _preview(frame),
+        },
+    )
+
+
+activecampaign_segments_job = dg.define_asset_job(
+    CATALOG_JOB,
+    selection=[CATALOG_KEY],
+    description="Refreshes the segment catalog (one or two API requests); requested by the discovery sensor.",
+)

@@ -1,0 +1,144 @@
+"""`segment_membership_changes`: who joined and who left a segment since its previous materialization.
+
+Downstream of `segment_matches`, computed in DuckDB (see `history`) whenever a partition of
+`segment_matches` is materialized, by its own automation sensor. Its numeric metadata (members,
+joined, left, churn rate) feed the UI's plots; `membership_change_plausible` warns when too much
+of a segment changed in one step, the mark of a broken segment definition.
+"""
+
+import os
+from datetime import UTC, datetime
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from matchall_dagster.api.errors import InvalidInputError
+from matchall_dagster.orchestration.assets import segment_matches
+from matchall_dagster.orchestration.checks import ASSET_KEY as MATCHES_KEY
+from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.storage.history import CHANGES_TABLE, Step, record_step
+
+CHANGES_KEY = dg.AssetKey(CHANGES_TABLE)
+PLAUSIBLE = "membership_change_plausible"
+MAX_SHARE_VARIABLE = "MATCHALL_MAX_CHANGE_SHARE"
+DEFAULT_MAX_SHARE = 0.5
+
+
+def max_change_share() -> float:
+    """MATCHALL_MAX_CHANGE_SHARE: the share of a segment that may change in one step without a warning."""
+    raw = os.environ.get(MAX_SHARE_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_MAX_SHARE
+    try:
+        share = float(raw)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise InvalidInputError(
+            f"{MAX_SHARE_VARIABLE} must be a number above 0 and at most 1 (a share of the segment), "
+            f"not {raw[:20]!r}; unset it for the default of {DEFAULT_MAX_SHARE}."
+        )
+    return share
+
+
+def plausibility(step: Step, max_share: float) -> dg.AssetCheckResult:
+    metadata = {
+        "joined": step.joined,
+        "left": step.left,
+        "previous_members": step.previous_members,
+        "churn_rate": step.churn_rate,
+        "max_change_share": max_share,
+    }
+    if step.first:
+        description = "The segment's first step: every member joined; nothing to compare with."
+        passed = True
+    elif step.churn_rate > max_share:
+        description = (
+            f"{step.churn_rate:.0%} of segment {step.segment_id}'s {step.previous_members:,} members changed in one "
+            f"step ({step.joined:,} joined, {step.left:,} left; more than {max_share:.0%}). Check the segment's "
+            f"definition in ActiveCampaign: an edited or broken condition looks like this. If the change is real, "
+            f"nothing needs doing; {MAX_SHARE_VARIABLE} sets the threshold."
+        )
+        passed = False
+    else:
+        description = f"{step.churn_rate:.1%} of the members changed (at most {max_share:.0%} expected)."
+        passed = True
+    return dg.AssetCheckResult(
+        check_name=PLAUSIBLE,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata=metadata,
+    )
+
+
+@dg.asset(
+    key=CHANGES_KEY,
+    deps=[segment_matches],
+    partitions_def=segments_partitions,
+    kinds={"duckdb"},
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            PLAUSIBLE,
+            asset=CHANGES_KEY,
+            partitions_def=segments_partitions,
+            description=f"Warns when more than {MAX_SHARE_VARIABLE} (default {DEFAULT_MAX_SHARE:.0%}) of a segment "
+            "changed in one step.",
+        )
+    ],
+    description="Contacts that joined or left the segment at each materialization of segment_matches "
+    "(table segment_membership_changes: segment_id, contact_id, change, run_id, observed_at; appended only).",
+)
+def segment_membership_changes(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:  # type: ignore[type-arg]  # Dagster recognises only the bare class here
+    segment_id = context.partition_key
+    max_share = max_change_share()
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=MATCHES_KEY, asset_partitions=[segment_id]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        raise dg.Failure(
+            description=f"Segment {segment_id} has no materialization of segment_matches yet; materialize it first."
+        )
+    source = records[0]
+    metadata = source.asset_materialization.metadata
+    run_id = metadata["run_id"].value if "run_id" in metadata else ""
+    with duckdb.get_connection() as connection:
+        step = record_step(
+            connection,
+            segment_id,
+            source=str(source.storage_id),
+            run_id=str(run_id),
+            observed_at=datetime.fromtimestamp(source.timestamp, UTC),
+        )
+    if step.recorded:
+        context.log.info(
+            f"Segment {segment_id}: {step.members:,} members; {step.joined:,} joined and {step.left:,} left "
+            f"since the previous materialization."
+        )
+    else:
+        context.log.info(
+            f"Segment {segment_id}: this materialization of segment_matches (run {step.run_id}) was already "
+            f"recorded; nothing appended."
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "members": step.members,
+            "joined": step.joined,
+            "left": step.left,
+            "churn_rate": step.churn_rate,
+            "run_id": step.run_id,
+            "observed_at": dg.MetadataValue.timestamp(step.observed_at),
+            "appended": step.recorded,
+        },
+        check_results=[plausibility(step, max_share)],
+    )
+
+
+membership_changes_sensor = dg.AutomationConditionSensorDefinition(
+    "membership_changes_automation",
+    target=dg.AssetSelection.assets(CHANGES_KEY),
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Computes segment_membership_changes after each new materialization of segment_matches.",
+)

@@ -1,0 +1,190 @@
+"""The checks on `segment_matches`, per partition.
+
+`run_not_failed` and `run_not_expired` are about the remote run behind a partition. After a
+materialization they judge the run it read (from its metadata, without a request). When the
+readiness sensor finds a run failed or gone, it launches the check alone with that run's id, so
+a segment whose run never materializes still shows why, in a run of its own with its log.
+(Sensors could report check results without a run, but Dagster 1.13 stores only one run-less
+result per check and partition.) `matches_complete` compares the stored rows with what the API
+said the run holds; the database counts them (a `PartitionSummary` input, see storage.py), so a
+partition of millions of rows is never loaded into the check's process.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from matchall_dagster.api.models import MatchAllRun, RunState
+from matchall_dagster.api.validation import DEFAULT_SORT
+from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.storage.io_manager import PartitionSummary
+
+ASSET_KEY = dg.AssetKey("segment_matches")
+# Metadata keys of the events on a `segment_matches` partition (pending runs, deletions, reads).
+STATUS = "matchall/status"
+SEGMENT_NAME = "segment_name"
+API_POOL = "activecampaign"  # every step that may call the API; its limit is in dagster.yaml
+RUN_NOT_FAILED = "run_not_failed"
+RUN_NOT_EXPIRED = "run_not_expired"
+MATCHES_COMPLETE = "matches_complete"
+RUN_RETENTION = timedelta(days=90)
+EXPIRY_WARNING = timedelta(days=10)
+
+
+class RunCheckConfig(dg.Config):
+    """Which remote run to judge; by default the one the partition was last materialized from."""
+
+    run_id: str | None = Field(default=None, description="A match-all run id; empty: the materialized run.")
+    sort: str = Field(default=DEFAULT_SORT, description="The sort the run was started with.")
+
+
+def labelled(segment_id: str, name: str | None) -> str:
+    """`segment 42 "VIP customers"` in log lines and descriptions; `segment 42` without a known name."""
+    return f'segment {segment_id} "{name}"' if name else f"segment {segment_id}"
+
+
+def run_metadata(run: MatchAllRun | None, run_id: str, sort: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"run_id": run_id, "sort": sort}
+    if run is not None:
+        metadata["run_started_at"] = dg.MetadataValue.timestamp(run.run_id_start)
+        if run.run_id_end is not None:
+            metadata["run_ended_at"] = dg.MetadataValue.timestamp(run.run_id_end)
+        if run.segment_timestamp is not None:
+            metadata["segment_timestamp"] = dg.MetadataValue.timestamp(run.segment_timestamp)
+    return metadata
+
+
+def _materialized(context: dg.AssetCheckExecutionContext) -> dict[str, Any] | None:
+    """The metadata of the partition's latest materialization, as plain values."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
+
+
+def _not_applicable(check_name: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=check_name,
+        passed=True,
+        description="Nothing to judge: the partition was never materialized and no run id was given.",
+    )
+
+
+def _expiry(started_at: datetime, run_id: str, metadata: dict[str, Any], now: datetime) -> dg.AssetCheckResult:
+    expires_at = started_at + RUN_RETENTION
+    metadata = {**metadata, "run_expires_at": dg.MetadataValue.timestamp(expires_at)}
+    if expires_at - now > EXPIRY_WARNING:
+        return dg.AssetCheckResult(check_name=RUN_NOT_EXPIRED, passed=True, metadata=metadata)
+    return dg.AssetCheckResult(
+        check_name=RUN_NOT_EXPIRED,
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"Run {run_id} can be re-read only until {expires_at:%Y-%m-%d %H:%M} UTC (90 days after "
+        f"its start); materialize from a newer run before then.",
+        metadata=metadata,
+    )
+
+
+@dg.asset_check(
+    asset=ASSET_KEY,
+    name=RUN_NOT_FAILED,
+    partitions_def=segments_partitions,
+    pool=API_POOL,
+    description="The segment's match-all run did not fail (run_id_end set while not ready).",
+)
+def run_not_failed(
+    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
+) -> dg.AssetCheckResult:
+    if config.run_id is None:
+        materialized = _materialized(context)
+        if materialized is None:
+            return _not_applicable(RUN_NOT_FAILED)
+        # A materialization is only ever made from a ready run.
+        return dg.AssetCheckResult(passed=True, metadata={"run_id": materialized["run_id"]})
+    with activecampaign.get_client() as client:
+        status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
+    metadata = run_metadata(status.run, config.run_id, config.sort)
+    if status.state is RunState.FAILED:
+        assert status.run is not None
+        assert status.run.run_id_end is not None
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"Run {config.run_id} ended at {status.run.run_id_end:%Y-%m-%d %H:%M:%S} UTC without "
+            f"becoming ready; it will never finish. The readiness sensor starts fresh runs (a few times); "
+            f"if they keep failing, check the segment's definition in ActiveCampaign.",
+            metadata=metadata,
+        )
+    return dg.AssetCheckResult(
+        passed=True, description=f"Run {config.run_id} is {status.state.value}.", metadata=metadata
+    )
+
+
+@dg.asset_check(
+    asset=ASSET_KEY,
+    name=RUN_NOT_EXPIRED,
+    partitions_def=segments_partitions,
+    pool=API_POOL,
+    description="The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
+)
+def run_not_expired(
+    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
+) -> dg.AssetCheckResult:
+    now = datetime.now(UTC)
+    if config.run_id is None:
+        materialized = _materialized(context)
+        if materialized is None:
+            return _not_applicable(RUN_NOT_EXPIRED)
+        started_at = datetime.fromtimestamp(float(materialized["run_started_at"]), UTC)
+        return _expiry(started_at, str(materialized["run_id"]), {"run_id": materialized["run_id"]}, now)
+    with activecampaign.get_client() as client:
+        status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
+    if status.state is RunState.EXPIRED:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=f"Run {config.run_id} is gone (404): runs expire 90 days after their start, and unknown "
+            f"ids answer the same way. The next kick-off starts a new run; to get one now, launch the "
+            f"kick-off job for this segment.",
+            metadata=run_metadata(None, config.run_id, config.sort),
+        )
+    assert status.run is not None
+    return _expiry(status.run.run_id_start, config.run_id, run_metadata(status.run, config.run_id, config.sort), now)
+
+
+@dg.asset_check(
+    asset=ASSET_KEY,
+    name=MATCHES_COMPLETE,
+    partitions_def=segments_partitions,
+    description="The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
+)
+def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: PartitionSummary) -> dg.AssetCheckResult:
+    materialized = _materialized(context) or {}
+    expected = materialized.get("page_total")
+    rows = segment_matches.rows
+    in_order = segment_matches.positions_exact
+    duplicates = segment_matches.repeated_contacts
+    problems = []
+    if expected is None:
+        problems.append("the materialization records no page_total to compare with")
+    elif rows != expected:
+        problems.append(f"{rows} rows stored where the run holds {expected}")
+    if duplicates:
+        problems.append(f"{duplicates} contact id(s) stored more than once")
+    if not in_order:
+        problems.append("positions are not exactly 1..n")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems).capitalize() + ". Materialize the partition again."
+        if problems
+        else f"All {rows} members stored once each, positions 1..{rows}.",
+        metadata={"rows": rows, "expected": expected if expected is not None else -1, "duplicates": duplicates},
+    )
+
+
+run_checks = [run_not_failed, run_not_expired]

@@ -1,0 +1,96 @@
+"""Segments deleted in ActiveCampaign: the set of tracked segments marked deleted, and its events.
+
+A tracked segment is marked deleted when two full listings in a row miss it (the discovery
+sensor) or when its kick-off answers 404 (the kick-off). A marked segment is not kicked off or
+polled any more; its partition and its stored rows stay. Listed again, it is unmarked. Removing
+its partition is one explicit action: `matchall forget SEGMENT_ID` (`forget` below).
+
+The set lives in the instance as a second dynamic partitions definition used as a set, not
+attached to any asset: durable, written with public APIs (a sensor's `dynamic_partitions_requests`,
+`instance.add_dynamic_partitions`), and read in one indexed query (`deleted_ids`), which stays cheap
+at 10,000 segments. The analyst sees each mark as an observation on the segment's partition of
+`segment_matches` (what happened, what to do) and as `status = deleted` in the catalog table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from matchall_dagster.orchestration.checks import ASSET_KEY, SEGMENT_NAME, STATUS, labelled
+from matchall_dagster.orchestration.partitions import segments_partitions
+
+deleted_segments = dg.DynamicPartitionsDefinition(name="deleted_segments")
+DELETED = "deleted"
+LISTED_AGAIN = "listed_again"
+REASON = "reason"
+MISSING_TWICE = "missing from two listings in a row"
+KICKOFF_404 = "the kick-off answered 404 (no such segment)"
+
+
+def deleted_ids(instance: dg.DagsterInstance) -> set[str]:
+    assert deleted_segments.name is not None
+    return set(instance.get_dynamic_partitions(deleted_segments.name))
+
+
+def is_deleted(instance: dg.DagsterInstance, segment_id: str) -> bool:
+    assert deleted_segments.name is not None
+    return instance.has_dynamic_partition(deleted_segments.name, segment_id)
+
+
+def deleted_observation(segment_id: str, reason: str, name: str | None = None) -> dg.AssetObservation:
+    metadata: dict[str, str] = {STATUS: DELETED, REASON: reason}
+    if name:
+        metadata[SEGMENT_NAME] = name
+    return dg.AssetObservation(
+        asset_key=ASSET_KEY,
+        partition=segment_id,
+        description=f"ActiveCampaign no longer has {labelled(segment_id, name)} ({reason}): marked deleted, no "
+        f"longer kicked off. Its stored rows are kept. It comes back by itself if ActiveCampaign lists it again; "
+        f"to drop the partition, run `matchall forget {segment_id}`.",
+        metadata=metadata,
+    )
+
+
+def listed_again_observation(segment_id: str, name: str | None = None) -> dg.AssetObservation:
+    metadata: dict[str, str] = {STATUS: LISTED_AGAIN}
+    if name:
+        metadata[SEGMENT_NAME] = name
+    return dg.AssetObservation(
+        asset_key=ASSET_KEY,
+        partition=segment_id,
+        description=f"ActiveCampaign lists {labelled(segment_id, name)} again: no longer marked deleted; the next "
+        f"kick-off starts a run of it.",
+        metadata=metadata,
+    )
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    segment_id: str
+    was_deleted: bool
+
+
+class NotForgettableError(Exception):
+    """The segment is not a partition, or is not marked deleted and `force` was not given."""
+
+
+def forget(instance: dg.DagsterInstance, segment_id: str, *, force: bool = False) -> Forgotten:
+    """Delete the segment's partition of `segment_matches` and its mark; stored rows are kept."""
+    assert segments_partitions.name is not None
+    assert deleted_segments.name is not None
+    if not instance.has_dynamic_partition(segments_partitions.name, segment_id):
+        raise NotForgettableError(
+            f"Segment {segment_id!r} is not a partition of segment_matches; `matchall segments` lists the tracked ones."
+        )
+    marked = is_deleted(instance, segment_id)
+    if not marked and not force:
+        raise NotForgettableError(
+            f"Segment {segment_id!r} is not marked deleted: while ActiveCampaign lists it, discovery adds it again. "
+            f"To stop tracking it, leave it out of MATCHALL_SEGMENTS; to drop the partition anyway, add --force."
+        )
+    instance.delete_dynamic_partition(segments_partitions.name, segment_id)
+    if marked:
+        instance.delete_dynamic_partition(deleted_segments.name, segment_id)
+    return Forgotten(segment_id, marked)

@@ -1,0 +1,234 @@
+"""Starting match-all runs: the kick-off job, its daily schedule, and the pending-run records.
+
+Each started run is recorded as an `AssetObservation` of its `segment_matches` partition
+(status `pending`, run id, sort, start time, kick-off id), so the UI shows per partition which
+run is pending since when, and the readiness sensor picks the runs up from the event log.
+
+Segments marked deleted (see `deletions`) are not started; a tracked segment whose start answers
+404 is marked there and then. Names come from the catalog table (one local read per kick-off).
+
+A kick-off is identified by the root run of its Dagster run (a re-execution shares it), so a
+kick-off that was interrupted and is re-executed starts only the segments that have no pending
+record of that kick-off yet.
+"""
+
+import os
+import time
+from collections.abc import Iterable
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from matchall_dagster.api.errors import ActiveCampaignError, AuthenticationError, SegmentNotFoundError
+from matchall_dagster.api.models import MatchAllRun
+from matchall_dagster.api.validation import DEFAULT_SORT, validate_sort
+from matchall_dagster.orchestration.catalog import names_of, read_catalog
+from matchall_dagster.orchestration.checks import API_POOL, ASSET_KEY, SEGMENT_NAME, STATUS, labelled, run_metadata
+from matchall_dagster.orchestration.deletions import KICKOFF_404, deleted_ids, deleted_observation, deleted_segments
+from matchall_dagster.orchestration.partitions import segments_partitions, tracked
+from matchall_dagster.orchestration.resource import ActiveCampaignResource
+
+PENDING = "pending"
+ATTEMPT = "attempt"
+KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that started the run
+RESUME_PAGE = 2_000
+PACE_MARGIN = 0.1
+PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
+KICKOFF_CRON_VARIABLE = "MATCHALL_KICKOFF_CRON"
+
+
+def pending_observation(
+    segment_id: str,
+    run: MatchAllRun,
+    sort: str,
+    attempt: int = 1,
+    kickoff: str | None = None,
+    name: str | None = None,
+) -> dg.AssetObservation:
+    metadata = {STATUS: PENDING, ATTEMPT: attempt, **run_metadata(run, run.run_id, sort)}
+    if kickoff is not None:
+        metadata[KICKOFF] = kickoff
+    if name:
+        metadata[SEGMENT_NAME] = name
+    return dg.AssetObservation(
+        asset_key=ASSET_KEY,
+        partition=segment_id,
+        description=f"Match-all run {run.run_id} of {labelled(segment_id, name)} pending since "
+        f"{run.run_id_start:%Y-%m-%d %H:%M:%S} UTC.",
+        metadata=metadata,
+    )
+
+
+def kickoff_id(run: dg.DagsterRun) -> str:
+    """The id every attempt of one kick-off shares: the root run of its re-executions."""
+    return run.root_run_id or run.get_root_run_id() or run.run_id
+
+
+def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
+    """The segments whose runs earlier attempts of this kick-off (and this one) recorded as pending.
+
+    Read where the readiness sensor reads them, the asset's observations (not the runs' own logs:
+    on SQLite a process killed mid-write can leave an event in its run's log and not in the
+    asset's index, and such a run would never be polled), from the kick-off's first run on.
+    """
+    root = instance.get_run_record_by_id(kickoff)
+    since = root.create_timestamp.timestamp() - 60.0 if root is not None else None  # clocks of two processes
+    started: set[str] = set()
+    cursor = None
+    while True:
+        page = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_timestamp=since),
+            limit=RESUME_PAGE,
+            cursor=cursor,
+            ascending=True,
+        )
+        for record in page.records:
+            observation = record.asset_observation
+            if observation is None or record.partition_key is None:
+                continue
+            status, recorded_by = observation.metadata.get(STATUS), observation.metadata.get(KICKOFF)
+            if (
+                status is not None
+                and recorded_by is not None
+                and (status.value, recorded_by.value) == (PENDING, kickoff)
+            ):
+                started.add(record.partition_key)
+        cursor = page.cursor
+        if not page.has_more:
+            return started
+
+
+class _Pace:
+    """Spaces the starts evenly, PACE_MARGIN wider than the rate.
+
+    The client's limiter admits bursts (its whole share at once, then a pause) with a 15 ms guard
+    per second; measured at the server under load, arrivals jitter by more than that, and the
+    simulator saw 5 requests in one second from the 4/s kick-off. Evenly spaced, requests four
+    apart are 1.1 s apart: the share holds against 100 ms of jitter, at 9 % of the kick-off's speed.
+    """
+
+    def __init__(self, requests_per_second: float) -> None:
+        self.interval = (1.0 + PACE_MARGIN) / requests_per_second
+        self._next = 0.0
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            time.sleep(self._next - now)
+            now = time.monotonic()
+        self._next = now + self.interval
+
+
+def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
+    seen: set[str] = set()
+    remaining = []
+    for segment_id in segment_ids:  # keeps the order; a segment listed twice is started once
+        if segment_id not in started and segment_id not in seen:
+            remaining.append(segment_id)
+        seen.add(segment_id)
+    return remaining
+
+
+def _mark_deleted(context: dg.OpExecutionContext, segment_id: str, name: str | None) -> None:
+    """A tracked segment the API does not know any more: marked (not kicked off again), rows kept."""
+    assert segments_partitions.name is not None
+    assert deleted_segments.name is not None
+    if not context.instance.has_dynamic_partition(segments_partitions.name, segment_id):
+        return  # an id given in the run configuration, never tracked: nothing to mark
+    context.instance.add_dynamic_partitions(deleted_segments.name, [segment_id])
+    context.log_event(deleted_observation(segment_id, KICKOFF_404, name))
+
+
+class KickoffConfig(dg.Config):
+    sort: str = Field(default=DEFAULT_SORT, description="The sort of every run started.")
+    segment_ids: list[str] | None = Field(
+        default=None, description="Segments to start runs for; when empty, every tracked segment partition."
+    )
+
+
+@dg.op(
+    pool=API_POOL,
+    description="Start a match-all run for each tracked segment not marked deleted and record it as pending; a "
+    "re-execution starts only the segments the interrupted attempt had not recorded. A segment answering 404 is "
+    "marked deleted.",
+)
+def start_match_all_runs(
+    context: dg.OpExecutionContext,
+    config: KickoffConfig,
+    activecampaign: ActiveCampaignResource,
+    duckdb: DuckDBResource,
+) -> None:
+    try:
+        sort = validate_sort(config.sort)
+    except ActiveCampaignError as exc:
+        raise dg.Failure(description=f"{exc} Fix the kick-off's run configuration.") from None
+    assert segments_partitions.name is not None
+    segment_ids = tracked(config.segment_ids or context.instance.get_dynamic_partitions(segments_partitions.name))
+    deleted = deleted_ids(context.instance)
+    if deleted.intersection(segment_ids):
+        skipped = [segment_id for segment_id in segment_ids if segment_id in deleted]
+        context.log.info(
+            f"Skipped {len(skipped)} segment(s) marked deleted in ActiveCampaign: {', '.join(skipped[:20])}"
+            f"{' ...' if len(skipped) > 20 else ''}. Each comes back once ActiveCampaign lists it again; "
+            f"`matchall forget SEGMENT_ID` drops its partition."
+        )
+        segment_ids = [segment_id for segment_id in segment_ids if segment_id not in deleted]
+    names = names_of(read_catalog(duckdb.database))  # one local read; empty without a catalog
+    kickoff = kickoff_id(context.dagster_run)
+    done = started_segments(context.instance, kickoff)  # empty unless this kick-off was interrupted
+    todo = _remaining(segment_ids, done)
+    if done:
+        context.log.info(f"Resuming kick-off {kickoff}: {len(done)} segment(s) already started, {len(todo)} to start.")
+    failures: dict[str, str] = {}
+    started = 0
+    with activecampaign.get_client() as client:
+        pace = _Pace(client.requests_per_second)
+        for segment_id in todo:
+            pace.wait()
+            try:
+                run = client.start_run(segment_id, sort=sort)
+            except SegmentNotFoundError as exc:
+                context.log.warning(f"Skipped {labelled(segment_id, names.get(segment_id))}: {exc}")
+                _mark_deleted(context, segment_id, names.get(segment_id))
+                continue
+            except AuthenticationError as exc:  # the same for every segment: stop at once
+                raise dg.Failure(description=str(exc)) from None
+            except ActiveCampaignError as exc:
+                context.log.error(f"Could not start a run of segment {segment_id}: {exc}")
+                failures[segment_id] = str(exc)
+                continue
+            # The one window where an interruption makes a re-execution start a segment twice: from
+            # this start request reaching the API to the record below being stored (a round trip
+            # and one write); one segment at most, since segments are started one after the other.
+            context.log_event(pending_observation(segment_id, run, sort, kickoff=kickoff, name=names.get(segment_id)))
+            started += 1
+            if started % PROGRESS_EVERY == 0:
+                context.log.info(f"Started {started} of {len(todo)} run(s).")
+    context.log.info(
+        f"Started runs for {started} of {len(segment_ids)} segment(s)"
+        + (f" ({len(segment_ids) - len(todo)} started by an earlier attempt)." if done else ".")
+        + " The readiness sensor polls them from its next tick and materializes each once it is ready."
+    )
+    if failures:
+        raise dg.Failure(
+            description=f"{len(failures)} of {len(segment_ids)} segment(s) could not be started; see the log. "
+            f"Re-execute this run once the API answers: a re-execution starts only the segments not started yet "
+            f"(a new kick-off would start every segment again).",
+            metadata={"failed_segments": sorted(failures)},
+        )
+
+
+@dg.job(description="Starts match-all runs for the tracked segments; the readiness sensor takes it from there.")
+def match_all_kickoff_job() -> None:
+    start_match_all_runs()
+
+
+match_all_kickoff_schedule = dg.ScheduleDefinition(
+    name="match_all_kickoff_schedule",
+    job=match_all_kickoff_job,
+    cron_schedule=os.environ.get(KICKOFF_CRON_VARIABLE, "0 6 * * *"),
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily: a fresh match-all run for every tracked segment (cron from MATCHALL_KICKOFF_CRON).",
+)

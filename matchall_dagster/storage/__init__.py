@@ -1,0 +1,1 @@
+"""Where memberships land: the DuckDB IO manager and the membership history."""
