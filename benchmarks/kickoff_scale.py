@@ -33,6 +33,7 @@ from dagster_duckdb import DuckDBResource
 from matchall_dagster import ActiveCampaignResource
 from matchall_dagster.orchestration.checks import ASSET_KEY, STATUS
 from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, match_all_kickoff_job, started_segments
+from matchall_dagster.settings import duckdb_path
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     SimAccount,
@@ -41,7 +42,6 @@ from matchall_dagster.simulator import (
     SimulatorConfig,
     SimulatorServer,
 )
-from matchall_dagster.storage.io_manager import duckdb_path
 
 REPO = Path(__file__).resolve().parents[1]
 RATE_VARIABLE = "KICKOFF_BENCH_RATE"

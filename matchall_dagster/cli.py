@@ -24,6 +24,7 @@ from matchall_dagster.api.client import ActiveCampaignClient, ContactIds
 from matchall_dagster.api.errors import ActiveCampaignError, InvalidInputError
 from matchall_dagster.api.models import MatchAllRun, Segment
 from matchall_dagster.api.validation import DEFAULT_SORT
+from matchall_dagster.settings import ConfigurationError, settings
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, demo_account, serve
 
 FORMATS = ("csv", "parquet", "jsonl")
@@ -34,6 +35,11 @@ _CSV_OPTIONS = pa_csv.WriteOptions(quoting_style="none", quoting_header="none")
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """ActiveCampaign segment memberships: fetch them, or serve the offline simulator."""
+    settings.cache_clear()  # each command reads the settings of its own environment, checked first
+    try:
+        settings()
+    except ConfigurationError as exc:
+        _fail(str(exc))
 
 
 def _client_from_env() -> ActiveCampaignClient:
@@ -192,7 +198,7 @@ def segments() -> None:
     unlisted = sorted(partitions - {segment.id for segment in listed})
     if unlisted:
         from matchall_dagster.orchestration.catalog import read_catalog
-        from matchall_dagster.storage.io_manager import duckdb_path
+        from matchall_dagster.settings import duckdb_path
 
         known = read_catalog(duckdb_path(), unlisted, patience=0.5)
         for segment_id in unlisted:
@@ -231,8 +237,8 @@ def forget(segment_id: str, force: bool) -> None:
     from matchall_dagster.api.validation import validate_id
     from matchall_dagster.orchestration.deletions import NotForgettableError
     from matchall_dagster.orchestration.deletions import forget as forget_segment
+    from matchall_dagster.settings import duckdb_path
     from matchall_dagster.storage import history
-    from matchall_dagster.storage.io_manager import duckdb_path
 
     try:
         validate_id(segment_id)
@@ -266,7 +272,6 @@ def forget(segment_id: str, force: bool) -> None:
 @click.option(
     "--database",
     type=click.Path(dir_okay=False, path_type=Path),
-    envvar="MATCHALL_DUCKDB_PATH",
     help="The DuckDB file; default MATCHALL_DUCKDB_PATH, else $DAGSTER_HOME/matchall.duckdb.",
 )
 @click.option("--contacts", is_flag=True, help="List each change (observed_at, change, contact_id, run_id) as CSV.")
@@ -274,8 +279,8 @@ def changes(segment_id: str, since: str | None, database: Path | None, contacts:
     """Who joined and who left SEGMENT_ID at each materialization: one line per step, or every contact."""
     import duckdb
 
+    from matchall_dagster.settings import duckdb_path
     from matchall_dagster.storage import history
-    from matchall_dagster.storage.io_manager import duckdb_path
 
     start = _parse_since(since) if since else None
     path = database or Path(duckdb_path())

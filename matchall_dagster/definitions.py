@@ -19,7 +19,8 @@ from matchall_dagster.orchestration.checks import matches_complete, run_not_expi
 from matchall_dagster.orchestration.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.orchestration.sensors import match_all_readiness_sensor, segment_discovery_sensor
-from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager, duckdb_path
+from matchall_dagster.settings import duckdb_path
+from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager
 
 
 def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:

@@ -13,6 +13,7 @@ import pytest
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.orchestration.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.settings import settings
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,
@@ -50,6 +51,20 @@ def make_account() -> SimAccount:
 
 
 ServeSimulator = Callable[..., SimulatorServer]
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings() -> Iterator[None]:
+    """Each test reads the settings of its own environment (a process reads them once)."""
+    settings.cache_clear()
+    yield
+    settings.cache_clear()
+
+
+def set_setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """Set a MATCHALL_* variable for the rest of the test, as a new process would read it."""
+    monkeypatch.setenv(name, value)
+    settings.cache_clear()
 
 
 @pytest.fixture

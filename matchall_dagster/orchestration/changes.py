@@ -6,39 +6,21 @@ joined, left, churn rate) feed the UI's plots; `membership_change_plausible` war
 of a segment changed in one step, the mark of a broken segment definition.
 """
 
-import os
 from datetime import UTC, datetime
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from matchall_dagster.api.errors import InvalidInputError
 from matchall_dagster.orchestration.assets import segment_matches
 from matchall_dagster.orchestration.checks import ASSET_KEY as MATCHES_KEY
 from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.settings import Settings, settings
 from matchall_dagster.storage.history import CHANGES_TABLE, Step, record_step
 
 CHANGES_KEY = dg.AssetKey(CHANGES_TABLE)
 PLAUSIBLE = "membership_change_plausible"
 MAX_SHARE_VARIABLE = "MATCHALL_MAX_CHANGE_SHARE"
-DEFAULT_MAX_SHARE = 0.5
-
-
-def max_change_share() -> float:
-    """MATCHALL_MAX_CHANGE_SHARE: the share of a segment that may change in one step without a warning."""
-    raw = os.environ.get(MAX_SHARE_VARIABLE, "").strip()
-    if not raw:
-        return DEFAULT_MAX_SHARE
-    try:
-        share = float(raw)
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise InvalidInputError(
-            f"{MAX_SHARE_VARIABLE} must be a number above 0 and at most 1 (a share of the segment), "
-            f"not {raw[:20]!r}; unset it for the default of {DEFAULT_MAX_SHARE}."
-        )
-    return share
+DEFAULT_MAX_SHARE = Settings.model_fields["max_change_share"].default
 
 
 def plausibility(step: Step, max_share: float) -> dg.AssetCheckResult:
@@ -92,7 +74,7 @@ def plausibility(step: Step, max_share: float) -> dg.AssetCheckResult:
 )
 def segment_membership_changes(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:  # type: ignore[type-arg]  # Dagster recognises only the bare class here
     segment_id = context.partition_key
-    max_share = max_change_share()
+    max_share = settings().max_change_share
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=MATCHES_KEY, asset_partitions=[segment_id]), limit=1
     ).records

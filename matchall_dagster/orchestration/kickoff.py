@@ -12,7 +12,6 @@ kick-off that was interrupted and is re-executed starts only the segments that h
 record of that kick-off yet.
 """
 
-import os
 import time
 from collections.abc import Iterable
 
@@ -28,6 +27,7 @@ from matchall_dagster.orchestration.checks import API_POOL, ASSET_KEY, SEGMENT_N
 from matchall_dagster.orchestration.deletions import KICKOFF_404, deleted_ids, deleted_observation, deleted_segments
 from matchall_dagster.orchestration.partitions import segments_partitions, tracked
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.settings import ConfigurationError, settings
 
 PENDING = "pending"
 ATTEMPT = "attempt"
@@ -35,7 +35,6 @@ KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that sta
 RESUME_PAGE = 2_000
 PACE_MARGIN = 0.1
 PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
-KICKOFF_CRON_VARIABLE = "MATCHALL_KICKOFF_CRON"
 
 
 def pending_observation(
@@ -224,11 +223,21 @@ def match_all_kickoff_job() -> None:
     start_match_all_runs()
 
 
-match_all_kickoff_schedule = dg.ScheduleDefinition(
-    name="match_all_kickoff_schedule",
-    job=match_all_kickoff_job,
-    cron_schedule=os.environ.get(KICKOFF_CRON_VARIABLE, "0 6 * * *"),
-    execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daily: a fresh match-all run for every tracked segment (cron from MATCHALL_KICKOFF_CRON).",
-)
+def _kickoff_schedule(cron: str) -> dg.ScheduleDefinition:
+    try:
+        return dg.ScheduleDefinition(
+            name="match_all_kickoff_schedule",
+            job=match_all_kickoff_job,
+            cron_schedule=cron,
+            execution_timezone="UTC",
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description="Daily: a fresh match-all run for every tracked segment (cron from MATCHALL_KICKOFF_CRON).",
+        )
+    except dg.DagsterInvalidDefinitionError:
+        raise ConfigurationError(
+            f"MATCHALL_KICKOFF_CRON: {cron!r} is not a cron expression Dagster accepts (five fields, such as "
+            f"'0 6 * * *'). Fix or unset the variable."
+        ) from None
+
+
+match_all_kickoff_schedule = _kickoff_schedule(settings().kickoff_cron)

@@ -25,7 +25,6 @@ import heapq
 import json
 import logging
 import math
-import os
 import threading
 import time
 import zlib
@@ -39,7 +38,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import BaseModel, Field, ValidationError
 
 from matchall_dagster.api.client import ActiveCampaignClient
-from matchall_dagster.api.errors import ActiveCampaignError, APIUnavailableError, AuthenticationError, InvalidInputError
+from matchall_dagster.api.errors import ActiveCampaignError, APIUnavailableError, AuthenticationError
 from matchall_dagster.api.models import RunState, RunStatus, Segment
 from matchall_dagster.lifecycle.discovery import DiscoveryCursor, catalog_due, fingerprints, reconcile
 from matchall_dagster.orchestration.assets import segment_matches
@@ -69,6 +68,7 @@ from matchall_dagster.orchestration.deletions import (
 from matchall_dagster.orchestration.kickoff import ATTEMPT, KICKOFF, PENDING, match_all_kickoff_job, pending_observation
 from matchall_dagster.orchestration.partitions import segments_partitions, tracked
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.settings import settings
 
 # The sensors' share of the account's 5 requests/s; runs hold the rest (see dagster.yaml).
 SENSOR_REQUESTS_PER_SECOND = 1.0
@@ -87,7 +87,6 @@ MAX_POLLS_PER_TICK = REQUESTS_PER_TICK
 FIRST_POLL_DELAY = 5.0
 MAX_POLL_DELAY = 600.0
 UNAVAILABLE_STOPS_TICK = 3  # consecutive 429/5xx/network failures: the API is struggling, stop for now
-MAX_ATTEMPTS_VARIABLE = "MATCHALL_MAX_RUN_ATTEMPTS"
 DEFAULT_MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
 OBSERVATION_PAGE = 2_000  # records read at most per query
 NEW_RECORDS_SECONDS = 4.0  # at most this long reading new records a tick (a long history takes several)
@@ -248,19 +247,6 @@ class Step(enum.Enum):
 class Decision:
     step: Step
     run: PendingRun
-
-
-def max_attempts() -> int:
-    """MATCHALL_MAX_RUN_ATTEMPTS: how many runs a segment gets per kick-off when they keep failing."""
-    raw = os.environ.get(MAX_ATTEMPTS_VARIABLE, "").strip()
-    if not raw:
-        return DEFAULT_MAX_ATTEMPTS
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise InvalidInputError(
-            f"{MAX_ATTEMPTS_VARIABLE} must be a whole number from 1 to 100, not {raw[:20]!r}; "
-            f"unset it for the default of {DEFAULT_MAX_ATTEMPTS}."
-        )
-    return int(raw)
 
 
 def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Decision:
@@ -449,7 +435,7 @@ def match_all_readiness_sensor(
     started = time.monotonic()
     window_ends = started + POLL_WINDOW_SECONDS
     now = clock()
-    attempts = max_attempts()
+    attempts = settings().max_run_attempts
     instance = context.instance
     cursor = ReadinessCursor.load(context.cursor, context.log)
     report = TickReport()

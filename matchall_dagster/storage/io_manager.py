@@ -14,11 +14,9 @@ sets `memory_limit`: by default DuckDB takes up to 80% of the machine's memory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -30,20 +28,11 @@ from dagster._core.storage.db_io_manager import DbIOManager, DbTypeHandler, Tabl
 from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_pandas import DuckDBPandasIOManager, DuckDBPandasTypeHandler
 
-DUCKDB_PATH_VARIABLE = "MATCHALL_DUCKDB_PATH"
 TABLE = "segment_matches"
 # Enough for DuckDB to write 10,000,000 rows at full speed and to group them with little spilling
 # (a Dagster process itself takes about 220 MB before any data).
 DEFAULT_MEMORY_LIMIT = "128MB"
 _BITMAP_SPAN_PER_ROW = 16  # a bitmap of at most 2 bytes a row
-
-
-def duckdb_path() -> str:
-    """MATCHALL_DUCKDB_PATH, else matchall.duckdb under DAGSTER_HOME (else the working folder)."""
-    explicit = os.environ.get(DUCKDB_PATH_VARIABLE)
-    if explicit:
-        return explicit
-    return str(Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb")
 
 
 class _TransactionalDuckDbClient(DuckDbClient):

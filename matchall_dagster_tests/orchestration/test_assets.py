@@ -34,6 +34,7 @@ from matchall_dagster_tests.conftest import (
     materialize_catalog,
     materialize_segment,
     sensor_context,
+    set_setting,
 )
 
 ASSET_KEY = dg.AssetKey("segment_matches")
@@ -501,7 +502,7 @@ def test_schedule_sensors_and_materializations_end_to_end(
 ) -> None:
     tracked = ["1", "10001", "99"]  # 99 takes an hour to be ready
     names = {segment.id: segment.name for segment in server.simulator.account.segments}
-    monkeypatch.setenv("MATCHALL_SEGMENTS", ",".join(tracked))
+    set_setting(monkeypatch, "MATCHALL_SEGMENTS", ",".join(tracked))
     kickoff_job = defs.resolve_job_def("match_all_kickoff_job")
 
     readiness = defs.resolve_sensor_def("match_all_readiness_sensor")

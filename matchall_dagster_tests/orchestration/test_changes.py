@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from matchall_dagster.api.errors import InvalidInputError
-from matchall_dagster.orchestration.changes import CHANGES_KEY, MAX_SHARE_VARIABLE, PLAUSIBLE, max_change_share
+from matchall_dagster.orchestration.changes import CHANGES_KEY, MAX_SHARE_VARIABLE, PLAUSIBLE
+from matchall_dagster.settings import ConfigurationError, settings
 from matchall_dagster.simulator import SimAccount, SimSegment, SimulatorServer
 from matchall_dagster.storage import history as store
 from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT
-from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment
+from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment, set_setting
 
 
 def evolving_account() -> SimAccount:
@@ -132,7 +132,7 @@ def test_the_threshold_is_configurable(
     materialize_segment(defs, instance, "e")
     materialize_changes(defs, instance, "e")
     materialize_segment(defs, instance, "e")
-    monkeypatch.setenv(MAX_SHARE_VARIABLE, "0.01")  # about 10 % of "e" changes a step
+    set_setting(monkeypatch, MAX_SHARE_VARIABLE, "0.01")  # about 10 % of "e" changes a step
     (check,) = materialize_changes(defs, instance, "e").get_asset_check_evaluations()
     assert not check.passed
     assert check.metadata["max_change_share"].value == 0.01
@@ -140,9 +140,9 @@ def test_the_threshold_is_configurable(
 
 @pytest.mark.parametrize("raw", ["0", "1.5", "half", "-0.2", "nan"])
 def test_a_bad_threshold_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
-    monkeypatch.setenv(MAX_SHARE_VARIABLE, raw)
-    with pytest.raises(InvalidInputError, match=f"{MAX_SHARE_VARIABLE} must be a number above 0 and at most 1"):
-        max_change_share()
+    set_setting(monkeypatch, MAX_SHARE_VARIABLE, raw)
+    with pytest.raises(ConfigurationError, match=f"{MAX_SHARE_VARIABLE}: "):
+        settings()
 
 
 def test_an_empty_segment_and_a_segment_never_materialized(

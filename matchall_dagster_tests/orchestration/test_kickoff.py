@@ -22,9 +22,9 @@ from matchall_dagster.definitions import build_definitions
 from matchall_dagster.orchestration.checks import ASSET_KEY, STATUS
 from matchall_dagster.orchestration.deletions import KICKOFF_404
 from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, match_all_kickoff_job
+from matchall_dagster.settings import duckdb_path
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
-from matchall_dagster.storage.io_manager import duckdb_path
-from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog
+from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog, set_setting
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def test_every_tracked_partition_gets_a_run_recorded_as_pending(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     instance.add_dynamic_partitions("segments", ["1", "10001", "25001"])
-    monkeypatch.setenv("MATCHALL_SEGMENTS", "1,25001")
+    set_setting(monkeypatch, "MATCHALL_SEGMENTS", "1,25001")
     result = kickoff(instance, defs, sort="-cdate")
     assert result.success
     pending = pending_by_partition(instance)

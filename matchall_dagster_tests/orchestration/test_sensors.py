@@ -38,6 +38,7 @@ from matchall_dagster.orchestration.sensors import (
     plan,
     poll_delay,
 )
+from matchall_dagster.settings import ConfigurationError
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import (
     UUID_SEGMENT,
@@ -45,6 +46,7 @@ from matchall_dagster_tests.conftest import (
     apply_tick,
     materialize_segment,
     sensor_context,
+    set_setting,
 )
 
 READINESS = "match_all_readiness_sensor"
@@ -383,7 +385,7 @@ def test_discovery_adds_segments_by_their_segment_id_and_starts_their_runs(
 def test_discovery_honours_the_allow_list(
     instance: dg.DagsterInstance, defs: dg.Definitions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MATCHALL_SEGMENTS", "10001, 1,not-there")
+    set_setting(monkeypatch, "MATCHALL_SEGMENTS", "10001, 1,not-there")
     (request,) = tick(instance, defs, DISCOVERY).dynamic_partitions_requests
     assert list(request.partition_keys) == ["1", "10001"]
 
@@ -478,7 +480,7 @@ def test_a_partition_outside_the_allow_list_is_never_marked(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, cursor = discover(instance, defs)
-    monkeypatch.setenv("MATCHALL_SEGMENTS", "1,10001")
+    set_setting(monkeypatch, "MATCHALL_SEGMENTS", "1,10001")
     drop_segments(server, "25001", "1")
     _, cursor = discover(instance, defs, cursor)
     _, cursor = discover(instance, defs, cursor)
@@ -705,12 +707,12 @@ def test_the_number_of_attempts_is_configurable_and_validated(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     record_pending(instance, server, "77")
-    monkeypatch.setenv("MATCHALL_MAX_RUN_ATTEMPTS", "1")
+    set_setting(monkeypatch, "MATCHALL_MAX_RUN_ATTEMPTS", "1")
     data = tick(instance, defs, READINESS)
     assert [check for check, *_ in checks_of(data)] == [RUN_NOT_FAILED]
     assert not data.asset_events  # no fresh run
-    monkeypatch.setenv("MATCHALL_MAX_RUN_ATTEMPTS", "many")
-    with pytest.raises(Exception, match="MATCHALL_MAX_RUN_ATTEMPTS must be a whole number from 1 to 100"):
+    set_setting(monkeypatch, "MATCHALL_MAX_RUN_ATTEMPTS", "many")
+    with pytest.raises(ConfigurationError, match="MATCHALL_MAX_RUN_ATTEMPTS: Input should be a valid integer"):
         tick(instance, defs, READINESS)
 
 

@@ -1,0 +1,119 @@
+"""Every `MATCHALL_*` setting of the project, declared once, read once, validated once.
+
+`settings()` reads the environment on first use and keeps the result for the process; a bad
+value raises `ConfigurationError`, which names the variable and says what to do. The table in
+docs/configuration.md is generated from these fields (`settings_table`), and a test keeps it so.
+
+The simulator's own options (`MATCHALL_SIM_*`) are options of `matchall simulator`, not settings
+of the project, and the API's URL and key are read by the resource through Dagster's `EnvVar`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ConfigurationError", "Settings", "duckdb_path", "settings", "settings_table"]
+
+PREFIX = "MATCHALL_"
+# Five fields of the characters cron allows; Dagster checks the expression itself when the
+# schedule is built, and `orchestration.kickoff` turns its error into a ConfigurationError.
+_CRON = re.compile(r"[0-9*/,\-A-Za-z?LW#]+( [0-9*/,\-A-Za-z?LW#]+){4}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.~-]{0,127}")
+
+
+class ConfigurationError(ValueError):
+    """A setting's value is wrong; the message names the variable and what to do."""
+
+
+class Settings(BaseSettings):
+    """The project's settings; each field is the variable `MATCHALL_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", case_sensitive=False)
+
+    duckdb_path: Path | None = Field(
+        default=None,
+        description="The DuckDB file the memberships land in. Default: `matchall.duckdb` in `DAGSTER_HOME` "
+        "(else the working folder).",
+    )
+    segments: Annotated[frozenset[str] | None, NoDecode] = Field(
+        default=None,
+        description="Comma-separated segment ids to track (e.g. `1,42`). Default: every saved segment.",
+    )
+    kickoff_cron: str = Field(
+        default="0 6 * * *", description="When the daily kick-off starts a run of every tracked segment (cron, UTC)."
+    )
+    max_run_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Runs a segment gets per kick-off when they keep failing (the first and the fresh ones).",
+    )
+    max_change_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="The share of a segment that may join or leave in one step before "
+        "`membership_change_plausible` warns.",
+    )
+
+    @field_validator("segments", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        for segment_id in ids:
+            if not _ID.fullmatch(segment_id) or ".." in segment_id:
+                raise ValueError(f"{segment_id[:60]!r} is not a segment id (letters, digits, '-', '_', '.', '~')")
+        return frozenset(ids) or None
+
+    @field_validator("kickoff_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not _CRON.fullmatch(value):
+            raise ValueError(f"{value[:60]!r} is not a cron expression of five fields, such as '0 6 * * *'")
+        return value
+
+    def database(self) -> str:
+        """The DuckDB file: MATCHALL_DUCKDB_PATH, else matchall.duckdb in DAGSTER_HOME, else here."""
+        if self.duckdb_path is not None:
+            return str(self.duckdb_path)
+        return str(Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb")
+
+
+@functools.cache
+def settings() -> Settings:
+    """The settings of this process, read from the environment once."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = PREFIX + str(error["loc"][0]).upper() if error["loc"] else PREFIX + "*"
+            problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+        raise ConfigurationError(
+            "Bad settings: " + "; ".join(problems) + ". Fix or unset the variable (docs/configuration.md lists "
+            "every setting with its default)."
+        ) from None
+
+
+def duckdb_path() -> str:
+    """The DuckDB file of this process's settings (see `Settings.database`)."""
+    return settings().database()
+
+
+def settings_table() -> str:
+    """The settings as a markdown table, for docs/configuration.md."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "(none)" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `{PREFIX}{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
