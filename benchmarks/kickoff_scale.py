@@ -31,8 +31,9 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from matchall_dagster import ActiveCampaignResource
-from matchall_dagster.orchestration.checks import ASSET_KEY, STATUS
+from matchall_dagster.lifecycle.record import STATUS
 from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, match_all_kickoff_job, started_segments
+from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.settings import duckdb_path
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,

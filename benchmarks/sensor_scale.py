@@ -43,8 +43,10 @@ import dagster as dg
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.api.models import RunStatus
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration import sensors as readiness
-from matchall_dagster.orchestration.kickoff import pending_observation
+from matchall_dagster.lifecycle import policy
+from matchall_dagster.lifecycle.cursor import ReadinessCursor
+from matchall_dagster.orchestration import readiness, share
+from matchall_dagster.orchestration.pending_runs import pending_observation
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,
@@ -127,7 +129,7 @@ def cursor_costs(raw: str | None, repeat: int = 5) -> tuple[float, float]:
     loads, dumps = [], []
     for _ in range(repeat):
         began = time.perf_counter()
-        cursor = readiness.ReadinessCursor.load(raw, LOG)
+        cursor = ReadinessCursor.load(raw, LOG)
         loads.append(time.perf_counter() - began)
         began = time.perf_counter()
         cursor.dump()
@@ -162,7 +164,7 @@ def simulated_day(
     """Part 1. `sensor_rate` and `kickoff_rate` try another split of the account's 5/s (the tick's
     budget follows the sensor's rate as it would in production)."""
     account = build_account(count, seed)
-    configured = readiness.SENSOR_REQUESTS_PER_SECOND
+    configured = share.SENSOR_REQUESTS_PER_SECOND
     budget = readiness.REQUESTS_PER_TICK
     rate = sensor_rate or configured
     day = Day()
@@ -170,8 +172,8 @@ def simulated_day(
         simulator = server.simulator
         clock = VirtualClock(simulator)
         readiness.clock = clock
-        readiness.SENSOR_REQUESTS_PER_SECOND = 1_000.0  # the client's pause only; the tick's budget is unchanged
-        readiness.REQUESTS_PER_TICK = math.floor(rate * readiness.POLL_WINDOW_SECONDS)
+        share.SENSOR_REQUESTS_PER_SECOND = 1_000.0  # the client's pause only; the tick's budget is unchanged
+        readiness.REQUESTS_PER_TICK = math.floor(rate * policy.POLL_WINDOW_SECONDS)
         real_poll = ActiveCampaignClient.poll_run
 
         tick_at = 0.0  # the simulated time of the tick in progress
@@ -230,7 +232,7 @@ def simulated_day(
                 day.production.append(production)
                 kicked_off = started == count
                 idle = not data.run_requests and not data.asset_events and sent == 0
-                if kicked_off and idle and not readiness.ReadinessCursor.load(cursor, LOG).waiting:
+                if kicked_off and idle and not ReadinessCursor.load(cursor, LOG).waiting:
                     break
                 if len(day.ticks) % 50 == 0:
                     print(
@@ -242,7 +244,7 @@ def simulated_day(
                 clock.advance(max(MIN_INTERVAL, production) - wall)
         finally:
             ActiveCampaignClient.poll_run = real_poll  # type: ignore[method-assign]
-            readiness.SENSOR_REQUESTS_PER_SECOND = configured
+            share.SENSOR_REQUESTS_PER_SECOND = configured
             readiness.REQUESTS_PER_TICK = budget
             readiness.clock = time.time
             starter.close()
@@ -250,7 +252,7 @@ def simulated_day(
     return {
         "sensor_requests_per_second": rate,
         "kickoff_requests_per_second": kickoff_rate,
-        **summarize(day, runs, nominal, count, account, math.floor(rate * readiness.POLL_WINDOW_SECONDS)),
+        **summarize(day, runs, nominal, count, account, math.floor(rate * policy.POLL_WINDOW_SECONDS)),
     }
 
 
@@ -276,7 +278,7 @@ def summarize(
         due = started  # a new record is due at once
         for moment in moments:
             waits.append(ticks_between(day.ticks, math.ceil(due), moment))
-            due = math.ceil(moment + readiness.poll_delay(moment - started))
+            due = math.ceil(moment + policy.poll_delay(moment - started))
     polls = [len(moments) for moments in day.polls.values()]
     total_polls = sum(polls)
     ticks = len(day.ticks)
@@ -321,8 +323,8 @@ def real_ticks(count: int, seed: int, ticks: int) -> dict[str, Any]:
                 run = fast.start_run(segment.id)
                 instance.report_runless_asset_event(pending_observation(segment.id, run, "id", kickoff="burst"))
         server.simulator.config = SimulatorConfig(requests_per_second=5.0, ready_after=0.0)  # the account's limit
-        server.simulator.advance_clock(readiness.FIRST_POLL_DELAY)
-        readiness.clock = lambda: time.time() + readiness.FIRST_POLL_DELAY
+        server.simulator.advance_clock(policy.FIRST_POLL_DELAY)
+        readiness.clock = lambda: time.time() + policy.FIRST_POLL_DELAY
         server.simulator.reset_stats()
         cursor = None
         try:
@@ -351,8 +353,8 @@ def cursor_worst_case(count: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)  # noqa: S311
     now = time.time()
     ids = sorted(rng.sample(range(1, 4 * count), count))
-    waiting = {i: (now + rng.uniform(0, readiness.MAX_POLL_DELAY), rng.randint(1, 14)) for i in ids}
-    raw = readiness.ReadinessCursor(after=4 * count, waiting=waiting).dump()
+    waiting = {i: (now + rng.uniform(0, policy.MAX_POLL_DELAY), rng.randint(1, 14)) for i in ids}
+    raw = ReadinessCursor(after=4 * count, waiting=waiting).dump()
     load, dump = cursor_costs(raw, repeat=21)
     return {
         "waiting_runs": count,
@@ -377,10 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.disable(logging.WARNING)  # the sensor's per-run log lines; the report is the output
     report: dict[str, Any] = {
         "budget": {
-            "sensor_requests_per_second": readiness.SENSOR_REQUESTS_PER_SECOND,
+            "sensor_requests_per_second": share.SENSOR_REQUESTS_PER_SECOND,
             "requests_per_tick": readiness.REQUESTS_PER_TICK,
-            "poll_window_s": readiness.POLL_WINDOW_SECONDS,
-            "tick_deadline_s": readiness.TICK_DEADLINE_SECONDS,
+            "poll_window_s": policy.POLL_WINDOW_SECONDS,
+            "tick_deadline_s": policy.TICK_DEADLINE_SECONDS,
         }
     }
     began = time.monotonic()

@@ -105,7 +105,7 @@ VENV="$PREFIX/venv"
 mkdir -p "$PREFIX/app" "$PREFIX/dagster_home" "$PREFIX/duckdb"
 cd "$PREFIX/app"  # the image's empty WORKDIR: nothing importable from the repository
 
-step "checking the installed project: from the wheel, no editable install, no dev or bench extras"
+step "checking the installed project: from the wheel, no editable install, no extras"
 "$VENV/bin/python" - "$ROOT/pyproject.toml" "$VENV" "$DAGSTER_K8S_VERSION" <<'PY'
 import importlib.metadata as metadata
 import json
@@ -128,15 +128,39 @@ if direct_url:
 def name(requirement: str) -> str:
     return re.split(r"[<>=!~\[;\s]", requirement, maxsplit=1)[0]
 
-extras = [name(r) for group in project["optional-dependencies"].values() for r in group]
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+# What the wheel and dagster-k8s need, followed through the installed packages' own requirements:
+# a package of an extra may be here only when that closure needs it too.
+needed: dict[str, set[str]] = {}
+todo = [Requirement(r) for r in project["dependencies"]] + [Requirement(f"dagster-k8s=={k8s_version}")]
+while todo:
+    requirement = todo.pop()
+    key = canonicalize_name(requirement.name)
+    if key in needed and set(requirement.extras) <= needed[key]:
+        continue
+    needed[key] = needed.get(key, set()) | set(requirement.extras)
+    try:
+        requires = metadata.requires(requirement.name) or []
+    except metadata.PackageNotFoundError:
+        continue
+    for text in requires:
+        nested = Requirement(text)
+        if nested.marker is None or any(nested.marker.evaluate({"extra": e}) for e in needed[key] | {""}):
+            todo.append(nested)
+
+own = canonicalize_name(project["name"])
+extras = {canonicalize_name(name(r)) for group in project["optional-dependencies"].values() for r in group} - {own}
 present = []
-for extra in extras:
+for extra in sorted(extras - needed.keys()):
     try:
         metadata.version(extra)
         present.append(extra)
     except metadata.PackageNotFoundError:
         pass
-assert not present, f"packages of the dev/bench extras are installed: {present}"
+assert not present, f"packages of the extras are installed: {present}"
+through_core = sorted(extras & needed.keys())
 
 pins = {name(r): r.split("==", 1)[1] for r in project["dependencies"] if "==" in r}
 for package, version in pins.items():
@@ -144,7 +168,9 @@ for package, version in pins.items():
 assert metadata.version("dagster-k8s") == k8s_version
 print(f"    matchall-dagster {metadata.version('matchall-dagster')} from {location.parent}")
 print(f"    dagster {metadata.version('dagster')}, dagster-k8s {metadata.version('dagster-k8s')}, "
-      f"dagster-postgres {metadata.version('dagster-postgres')}; none of {len(extras)} extras")
+      f"dagster-postgres {metadata.version('dagster-postgres')}; none of {len(extras)} extras' own packages")
+if through_core:
+    print(f"    of the extras' packages, the core's requirements bring: {', '.join(through_core)}")
 PY
 
 step "starting the image's entry point: dagster api grpc -m $MODULE"

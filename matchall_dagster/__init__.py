@@ -1,33 +1,39 @@
-"""ActiveCampaign segment memberships as Dagster assets."""
+"""ActiveCampaign segment memberships as Dagster assets.
 
-import warnings as _warnings
+The public API: the client, its configuration, records and errors (no Dagster import), and the
+Dagster resource, loaded on first use. Importing this package changes nothing process-wide.
+"""
+
 from typing import TYPE_CHECKING
 
-from matchall_dagster.api.client import ActiveCampaignClient, MatchList, MatchPage
-from matchall_dagster.api.errors import (
+from matchall_dagster.api import (
+    ActiveCampaignClient,
     ActiveCampaignError,
     APIUnavailableError,
     AuthenticationError,
     BadRequestError,
+    ClientConfig,
+    ContactIds,
     InconsistentResultError,
     InvalidInputError,
     InvalidResponseError,
+    MatchAllRun,
+    MatchList,
+    MatchPage,
+    PageInfo,
     RunExpiredError,
     RunFailedError,
     RunNotReadyError,
+    RunState,
+    RunStatus,
+    Segment,
+    SegmentCount,
     SegmentNotFoundError,
     UnexpectedResponseError,
 )
-from matchall_dagster.api.models import MatchAllRun, PageInfo, RunState, RunStatus, Segment
 
 if TYPE_CHECKING:
     from matchall_dagster.orchestration.resource import ActiveCampaignResource
-
-# Known and accepted, so kept out of every process's log: partitioned asset checks are a preview
-# of Dagster 1.13 (see the README), and Dagster's Definitions warns about a beta parameter that it
-# passes to our sensors itself. Matched by message, so that this module need not import Dagster.
-_warnings.filterwarnings("ignore", message="Specifying a partitions_def on an ")
-_warnings.filterwarnings("ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`")
 
 
 def __getattr__(name: str) -> object:
@@ -46,6 +52,8 @@ __all__ = [
     "ActiveCampaignResource",
     "AuthenticationError",
     "BadRequestError",
+    "ClientConfig",
+    "ContactIds",
     "InconsistentResultError",
     "InvalidInputError",
     "InvalidResponseError",
@@ -59,6 +67,7 @@ __all__ = [
     "RunState",
     "RunStatus",
     "Segment",
+    "SegmentCount",
     "SegmentNotFoundError",
     "UnexpectedResponseError",
 ]

@@ -16,9 +16,11 @@ from matchall_dagster.orchestration.assets import segment_matches
 from matchall_dagster.orchestration.catalog import activecampaign_segments, activecampaign_segments_job
 from matchall_dagster.orchestration.changes import membership_changes_sensor, segment_membership_changes
 from matchall_dagster.orchestration.checks import matches_complete, run_not_expired, run_not_failed
+from matchall_dagster.orchestration.discovery import segment_discovery_sensor
 from matchall_dagster.orchestration.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
+from matchall_dagster.orchestration.preview import resolving_definitions
+from matchall_dagster.orchestration.readiness import match_all_readiness_sensor
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
-from matchall_dagster.orchestration.sensors import match_all_readiness_sensor, segment_discovery_sensor
 from matchall_dagster.settings import duckdb_path
 from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager
 
@@ -26,7 +28,7 @@ from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDu
 def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
     """The project's definitions; `duckdb_database` overrides MATCHALL_DUCKDB_PATH (for tests)."""
     database = duckdb_database or duckdb_path()
-    return dg.Definitions(
+    defs = dg.Definitions(
         assets=[activecampaign_segments, segment_matches, segment_membership_changes],
         asset_checks=[run_not_failed, run_not_expired, matches_complete],
         jobs=[match_all_kickoff_job, activecampaign_segments_job],
@@ -40,7 +42,7 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
         resources={
             # No fallback to the simulator: unset variables fail loudly when something needs the API.
             # Runs take 4 requests/s (one at a time: the `activecampaign` pool, dagster.yaml) and
-            # the sensors 1/s (SENSOR_REQUESTS_PER_SECOND): 5/s for the account.
+            # the sensors 1/s (SENSOR_REQUESTS_PER_SECOND, orchestration/share.py): 5/s for the account.
             "activecampaign": ActiveCampaignResource(
                 api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
                 api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
@@ -54,6 +56,12 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
             "duckdb": DuckDBResource(database=database, connection_config={"memory_limit": DEFAULT_MEMORY_LIMIT}),
         },
     )
+    # Resolved now (Dagster caches it on `defs`), so that Dagster's warning about its own use of a
+    # beta parameter is silenced where it arises instead of in every process that loads `defs`.
+    # A `defs/` folder merged in later (`Definitions.merge`) makes a new object: resolve that one here too.
+    with resolving_definitions():
+        dg.Definitions.validate_loadable(defs)
+    return defs
 
 
 defs = build_definitions()

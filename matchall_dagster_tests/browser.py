@@ -25,7 +25,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, Response, expect, sync_playwright
 
 from matchall_dagster.orchestration.kickoff import match_all_kickoff_schedule
-from matchall_dagster.orchestration.sensors import match_all_readiness_sensor
+from matchall_dagster.orchestration.readiness import match_all_readiness_sensor
 from matchall_dagster_tests.deployment import Deployment
 
 CHROMIUM = Path("/usr/bin/chromium")

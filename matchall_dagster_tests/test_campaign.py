@@ -52,7 +52,7 @@ import pytest
 
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     Behavior,

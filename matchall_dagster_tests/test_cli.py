@@ -26,9 +26,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from matchall_dagster import ActiveCampaignClient
-from matchall_dagster import cli as cli_module
 from matchall_dagster.api.models import Segment
-from matchall_dagster.cli import main
+from matchall_dagster.cli import main, shared
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimulatorServer
 from matchall_dagster.storage import history
 from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, make_account
@@ -427,7 +426,7 @@ def test_a_write_failing_half_way_leaves_no_partial_file(
         sink.write(b"position,contact_id\n1,")  # half a file on disk, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pa_csv, "write_csv", disk_full)  # the module cli.py writes through
+    monkeypatch.setattr(pa_csv, "write_csv", disk_full)  # the module the CLI writes through
     target = prepare(tmp_path / "out", existing)
     result = run_cli(["fetch", "10001", "--output", str(target)], api_env(server))
     assert_failed_cleanly(result, f"Could not write {target}: No space left on device", target.parent, existing)
@@ -615,7 +614,7 @@ def test_api_key_that_cannot_be_sent_is_refused_clearly(
     server: SimulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
     # Without retries the current behaviour shows at once instead of after ~33 s of backoff.
-    monkeypatch.setattr(cli_module, "ActiveCampaignClient", functools.partial(ActiveCampaignClient, max_retries=0))
+    monkeypatch.setattr(shared, "ActiveCampaignClient", functools.partial(ActiveCampaignClient, max_retries=0))
     target = prepare(tmp_path / "out", OLD_BYTES)
     result = run_cli(["fetch", "1", "--output", str(target)], api_env(server, key))
     assert_failed_cleanly(result, "ACTIVECAMPAIGN_API_KEY", target.parent, OLD_BYTES, key, key.strip())
@@ -629,7 +628,7 @@ def test_failed_write_to_stdout_names_stdout(
     def disk_full(table: pa.Table, sink: Any, options: Any = None) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pa_csv, "write_csv", disk_full)  # the module cli.py writes through
+    monkeypatch.setattr(pa_csv, "write_csv", disk_full)  # the module the CLI writes through
     result = run_cli(["fetch", "1"], api_env(server))
     assert_failed_cleanly(result, "No space left on device", tmp_path, None)
     assert "None" not in result.stderr

@@ -36,7 +36,7 @@ from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, Postgr
 
 from matchall_dagster.definitions import defs as project_defs
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
-from matchall_dagster.orchestration.sensors import SENSOR_REQUESTS_PER_SECOND
+from matchall_dagster.orchestration.share import SENSOR_REQUESTS_PER_SECOND
 from matchall_dagster.simulator import DEFAULT_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,10 @@ from dagster._core.instance.config import dagster_instance_config  # what loadin
 
 from matchall_dagster.definitions import defs as project_defs
 from matchall_dagster.orchestration.changes import CHANGES_KEY, membership_changes_sensor
-from matchall_dagster.orchestration.checks import API_POOL, ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import API_POOL, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
-from matchall_dagster.orchestration.sensors import SENSOR_REQUESTS_PER_SECOND
+from matchall_dagster.orchestration.share import SENSOR_REQUESTS_PER_SECOND
 from matchall_dagster.simulator import DEFAULT_TOKEN, Simulator
 from matchall_dagster.storage.history import CHANGES_TABLE, JOINED, LEFT, STEPS_TABLE
 from matchall_dagster.storage.io_manager import TABLE

@@ -59,12 +59,12 @@ from matchall_dagster import (
     RunExpiredError,
     RunFailedError,
     UnexpectedResponseError,
-    sensors,
 )
 from matchall_dagster.api.validation import validate_api_url
 from matchall_dagster.cli import main
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration.checks import ASSET_KEY
+from matchall_dagster.orchestration import share
+from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, SimulatorServer
 from matchall_dagster_tests.conftest import ServeSimulator, make_account
 
@@ -390,7 +390,7 @@ def test_the_api_token_appears_nowhere(
 
         # Sensor ticks, logging into the instance as the daemon's do; not paced at the sensors'
         # 1 request/s, which only spaces requests out.
-        monkeypatch.setattr(sensors, "SENSOR_REQUESTS_PER_SECOND", 1000.0)
+        monkeypatch.setattr(share, "SENSOR_REQUESTS_PER_SECOND", 1000.0)
         defs = build_definitions()
         fast = ActiveCampaignResource(
             api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"), api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"), retry_backoff=0

@@ -26,7 +26,8 @@ import yaml
 from playwright.sync_api import expect
 
 from matchall_dagster.orchestration.changes import CHANGES_KEY
-from matchall_dagster.orchestration.checks import ASSET_KEY, MATCHES_COMPLETE, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.storage.io_manager import TABLE
 from matchall_dagster_tests import browser

@@ -15,7 +15,7 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "Installing matchall-dagster and its dependencies into .venv (first run takes a few minutes)..." >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,simulator]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -123,6 +123,22 @@ def validate_page_size(page_size: object) -> int:
     return page_size
 
 
+def validate_api_key(api_key: object) -> str:
+    """The key must travel as one header value; the message says what is wrong, never what it is."""
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise InvalidInputError(
+            "The API key is empty. Set ACTIVECAMPAIGN_API_KEY to the key shown in "
+            "ActiveCampaign under Settings > Developer."
+        )
+    if not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+        raise InvalidInputError(
+            "The API key (ACTIVECAMPAIGN_API_KEY) holds spaces, line breaks or non-ASCII characters, so "
+            "it cannot be sent as a header; copy it again from Settings > Developer, without surrounding "
+            "whitespace."
+        )
+    return api_key
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True

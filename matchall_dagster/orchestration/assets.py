@@ -14,20 +14,13 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from matchall_dagster.api.client import ContactIds, MatchList
+from matchall_dagster.api.client import ActiveCampaignClient, ContactIds, MatchList
 from matchall_dagster.api.errors import ActiveCampaignError, InvalidInputError, RunExpiredError, RunFailedError
 from matchall_dagster.api.models import MatchAllRun
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_id, validate_sort
 from matchall_dagster.orchestration.catalog import CatalogEntry, read_catalog
-from matchall_dagster.orchestration.checks import (
-    API_POOL,
-    ASSET_KEY,
-    RUN_NOT_EXPIRED,
-    RUN_NOT_FAILED,
-    SEGMENT_NAME,
-    labelled,
-    run_metadata,
-)
+from matchall_dagster.orchestration.metadata import PAGE_TOTAL, SEGMENT_NAME, labelled, run_metadata
+from matchall_dagster.orchestration.names import API_POOL, MATCHES_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
@@ -111,6 +104,45 @@ def _preview(matches: MatchList) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
+def _validated(segment_id: str, config: SegmentMatchesConfig) -> str:
+    """The run configuration's sort, once the ids are known to be safe to send; else a Failure."""
+    try:
+        validate_id(segment_id)
+        sort = validate_sort(config.sort)
+        if config.run_id is not None:
+            validate_id(config.run_id, "run id")
+    except InvalidInputError as exc:
+        raise dg.Failure(description=f"{exc} Fix the run configuration and launch again.") from None
+    return sort
+
+
+def _read_when_ready(
+    context: dg.AssetExecutionContext,
+    client: ActiveCampaignClient,
+    run_id: str,
+    sort: str,
+    config: SegmentMatchesConfig,
+) -> MatchList:
+    """Wait for the run to be ready, then read every page of it."""
+    segment_id = context.partition_key
+
+    def waiting(run: MatchAllRun, elapsed: float) -> None:
+        if not run.is_ready:
+            context.log.info(f"Run {run_id} is {run.state.value} after {elapsed:.0f} s; waiting.")
+
+    first = client.wait_until_ready(segment_id, run_id, sort=sort, timeout=config.wait_timeout_seconds, on_poll=waiting)
+    assert first.page is not None
+    context.log.info(f"Run {run_id} is ready: {first.page.total:,} members on {first.page.last_page} page(s).")
+    return client.fetch_matches(
+        segment_id,
+        run_id,
+        sort=sort,
+        first_page=first,
+        ready_timeout=config.wait_timeout_seconds,
+        max_restarts=config.max_restarts,
+    )
+
+
 @dg.asset(
     partitions_def=segments_partitions,
     metadata={"partition_expr": "segment_id"},
@@ -125,13 +157,7 @@ def segment_matches(
     duckdb: DuckDBResource,
 ) -> dg.Output[pd.DataFrame]:
     segment_id = context.partition_key
-    try:
-        validate_id(segment_id)
-        sort = validate_sort(config.sort)
-        if config.run_id is not None:
-            validate_id(config.run_id, "run id")
-    except InvalidInputError as exc:
-        raise dg.Failure(description=f"{exc} Fix the run configuration and launch again.") from None
+    sort = _validated(segment_id, config)
     entry = read_catalog(duckdb.database, [segment_id]).get(segment_id)
     name = entry.name if entry is not None else None
     segment = labelled(segment_id, name)
@@ -144,30 +170,13 @@ def segment_matches(
                 context.log.info(f"Started match-all run {run_id} of {segment} (sort {sort}).")
             else:
                 context.log.info(f"Reading the existing match-all run {run_id} of {segment} (sort {sort}).")
-
-            def waiting(run: MatchAllRun, elapsed: float) -> None:
-                if not run.is_ready:
-                    context.log.info(f"Run {run_id} is {run.state.value} after {elapsed:.0f} s; waiting.")
-
-            first = client.wait_until_ready(
-                segment_id, run_id, sort=sort, timeout=config.wait_timeout_seconds, on_poll=waiting
-            )
-            assert first.page is not None
-            context.log.info(f"Run {run_id} is ready: {first.page.total:,} members on {first.page.last_page} page(s).")
-            matches = client.fetch_matches(
-                segment_id,
-                run_id,
-                sort=sort,
-                first_page=first,
-                ready_timeout=config.wait_timeout_seconds,
-                max_restarts=config.max_restarts,
-            )
+            matches = _read_when_ready(context, client, run_id, sort, config)
             requests = client.requests_sent  # this materialization's client: its start, polls and pages
         except (RunFailedError, RunExpiredError) as exc:
             # The checks after this step are skipped; record the verdict on the partition here.
             context.log_event(
                 dg.AssetCheckEvaluation(
-                    asset_key=ASSET_KEY,
+                    asset_key=MATCHES_KEY,
                     check_name=RUN_NOT_FAILED if isinstance(exc, RunFailedError) else RUN_NOT_EXPIRED,
                     passed=False,
                     partition=segment_id,
@@ -192,7 +201,7 @@ def segment_matches(
             **({SEGMENT_NAME: name} if name else {}),
             **run_metadata(run, run.run_id, sort),
             **_expected_metadata(entry, matches.total, context.log),
-            "page_total": run.page.total,
+            PAGE_TOTAL: run.page.total,
             "pages_read": matches.pages_read,
             "requests": requests,
             "restarts": matches.restarts,
@@ -201,5 +210,7 @@ def segment_matches(
         },
     )
 
+
+ASSET_KEY = MATCHES_KEY  # the older name
 
 __all__ = ["ASSET_KEY", "SegmentMatchesConfig", "members_frame", "segment_matches"]

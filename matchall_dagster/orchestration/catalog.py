@@ -20,14 +20,25 @@ from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.api.errors import ActiveCampaignError
 from matchall_dagster.api.models import Segment
-from matchall_dagster.orchestration.checks import API_POOL
 from matchall_dagster.orchestration.deletions import deleted_ids
+from matchall_dagster.orchestration.names import API_POOL, CATALOG_JOB, CATALOG_KEY
 from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
-CATALOG_KEY = dg.AssetKey("activecampaign_segments")
+__all__ = [
+    "CATALOG_JOB",
+    "CATALOG_KEY",
+    "CATALOG_TABLE",
+    "LIST_PAGE_SIZE",
+    "CatalogEntry",
+    "activecampaign_segments",
+    "activecampaign_segments_job",
+    "catalog_frame",
+    "names_of",
+    "read_catalog",
+]
+
 CATALOG_TABLE = "activecampaign_segments"
-CATALOG_JOB = "activecampaign_segments_job"
 ACTIVE = "active"
 DELETED = "deleted"
 PREVIEW_ROWS = 20

@@ -12,13 +12,22 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.orchestration.assets import segment_matches
-from matchall_dagster.orchestration.checks import ASSET_KEY as MATCHES_KEY
+from matchall_dagster.orchestration.metadata import RUN_ID
+from matchall_dagster.orchestration.names import CHANGES_KEY, CHANGES_SENSOR, MATCHES_KEY, PLAUSIBLE
 from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.preview import partitioned_checks
 from matchall_dagster.settings import Settings, settings
-from matchall_dagster.storage.history import CHANGES_TABLE, Step, record_step
+from matchall_dagster.storage.history import Step, record_step
 
-CHANGES_KEY = dg.AssetKey(CHANGES_TABLE)
-PLAUSIBLE = "membership_change_plausible"
+__all__ = [
+    "CHANGES_KEY",
+    "MAX_SHARE_VARIABLE",
+    "PLAUSIBLE",
+    "membership_changes_sensor",
+    "plausibility",
+    "segment_membership_changes",
+]
+
 MAX_SHARE_VARIABLE = "MATCHALL_MAX_CHANGE_SHARE"
 DEFAULT_MAX_SHARE = Settings.model_fields["max_change_share"].default
 
@@ -54,21 +63,24 @@ def plausibility(step: Step, max_share: float) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset(
-    key=CHANGES_KEY,
-    deps=[segment_matches],
-    partitions_def=segments_partitions,
-    kinds={"duckdb"},
-    automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[
-        dg.AssetCheckSpec(
+def _plausible_spec() -> dg.AssetCheckSpec:
+    with partitioned_checks():
+        return dg.AssetCheckSpec(
             PLAUSIBLE,
             asset=CHANGES_KEY,
             partitions_def=segments_partitions,
             description=f"Warns when more than {MAX_SHARE_VARIABLE} (default {DEFAULT_MAX_SHARE:.0%}) of a segment "
             "changed in one step.",
         )
-    ],
+
+
+@dg.asset(
+    key=CHANGES_KEY,
+    deps=[segment_matches],
+    partitions_def=segments_partitions,
+    kinds={"duckdb"},
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[_plausible_spec()],
     description="Contacts that joined or left the segment at each materialization of segment_matches "
     "(table segment_membership_changes: segment_id, contact_id, change, run_id, observed_at; appended only).",
 )
@@ -84,7 +96,7 @@ def segment_membership_changes(context: dg.AssetExecutionContext, duckdb: DuckDB
         )
     source = records[0]
     metadata = source.asset_materialization.metadata
-    run_id = metadata["run_id"].value if "run_id" in metadata else ""
+    run_id = metadata[RUN_ID].value if RUN_ID in metadata else ""
     with duckdb.get_connection() as connection:
         step = record_step(
             connection,
@@ -118,7 +130,7 @@ def segment_membership_changes(context: dg.AssetExecutionContext, duckdb: DuckDB
 
 
 membership_changes_sensor = dg.AutomationConditionSensorDefinition(
-    "membership_changes_automation",
+    CHANGES_SENSOR,
     target=dg.AssetSelection.assets(CHANGES_KEY),
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,

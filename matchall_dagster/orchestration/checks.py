@@ -10,26 +10,29 @@ said the run holds; the database counts them (a `PartitionSummary` input, see st
 partition of millions of rows is never loaded into the check's process.
 """
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from matchall_dagster.api.models import MatchAllRun, RunState
+from matchall_dagster.api.models import RunState
 from matchall_dagster.api.validation import DEFAULT_SORT
+from matchall_dagster.orchestration.metadata import PAGE_TOTAL, RUN_ID, RUN_STARTED_AT, run_metadata
+from matchall_dagster.orchestration.names import (
+    API_POOL,
+    MATCHES_COMPLETE,
+    MATCHES_KEY,
+    RUN_NOT_EXPIRED,
+    RUN_NOT_FAILED,
+)
 from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.preview import partitioned_checks
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.storage.io_manager import PartitionSummary
 
-ASSET_KEY = dg.AssetKey("segment_matches")
-# Metadata keys of the events on a `segment_matches` partition (pending runs, deletions, reads).
-STATUS = "matchall/status"
-SEGMENT_NAME = "segment_name"
-API_POOL = "activecampaign"  # every step that may call the API; its limit is in dagster.yaml
-RUN_NOT_FAILED = "run_not_failed"
-RUN_NOT_EXPIRED = "run_not_expired"
-MATCHES_COMPLETE = "matches_complete"
+__all__ = ["RunCheckConfig", "matches_complete", "run_checks", "run_not_expired", "run_not_failed"]
 RUN_RETENTION = timedelta(days=90)
 EXPIRY_WARNING = timedelta(days=10)
 
@@ -41,26 +44,26 @@ class RunCheckConfig(dg.Config):
     sort: str = Field(default=DEFAULT_SORT, description="The sort the run was started with.")
 
 
-def labelled(segment_id: str, name: str | None) -> str:
-    """`segment 42 "VIP customers"` in log lines and descriptions; `segment 42` without a known name."""
-    return f'segment {segment_id} "{name}"' if name else f"segment {segment_id}"
+def _partitioned_check(name: str, description: str, *, pool: str | None = None) -> Callable[..., Any]:
+    """`@asset_check` on a partition of `segment_matches` (a preview feature: see `preview`)."""
 
+    def define(function: Callable[..., Any]) -> dg.AssetChecksDefinition:
+        with partitioned_checks():
+            return dg.asset_check(
+                asset=MATCHES_KEY,
+                name=name,
+                partitions_def=segments_partitions,
+                pool=pool,
+                description=description,
+            )(function)
 
-def run_metadata(run: MatchAllRun | None, run_id: str, sort: str) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"run_id": run_id, "sort": sort}
-    if run is not None:
-        metadata["run_started_at"] = dg.MetadataValue.timestamp(run.run_id_start)
-        if run.run_id_end is not None:
-            metadata["run_ended_at"] = dg.MetadataValue.timestamp(run.run_id_end)
-        if run.segment_timestamp is not None:
-            metadata["segment_timestamp"] = dg.MetadataValue.timestamp(run.segment_timestamp)
-    return metadata
+    return define
 
 
 def _materialized(context: dg.AssetCheckExecutionContext) -> dict[str, Any] | None:
     """The metadata of the partition's latest materialization, as plain values."""
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[context.partition_key]), limit=1
+        dg.AssetRecordsFilter(asset_key=MATCHES_KEY, asset_partitions=[context.partition_key]), limit=1
     ).records
     if not records or records[0].asset_materialization is None:
         return None
@@ -90,12 +93,8 @@ def _expiry(started_at: datetime, run_id: str, metadata: dict[str, Any], now: da
     )
 
 
-@dg.asset_check(
-    asset=ASSET_KEY,
-    name=RUN_NOT_FAILED,
-    partitions_def=segments_partitions,
-    pool=API_POOL,
-    description="The segment's match-all run did not fail (run_id_end set while not ready).",
+@_partitioned_check(
+    RUN_NOT_FAILED, "The segment's match-all run did not fail (run_id_end set while not ready).", pool=API_POOL
 )
 def run_not_failed(
     context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
@@ -105,7 +104,7 @@ def run_not_failed(
         if materialized is None:
             return _not_applicable(RUN_NOT_FAILED)
         # A materialization is only ever made from a ready run.
-        return dg.AssetCheckResult(passed=True, metadata={"run_id": materialized["run_id"]})
+        return dg.AssetCheckResult(passed=True, metadata={RUN_ID: materialized[RUN_ID]})
     with activecampaign.get_client() as client:
         status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
     metadata = run_metadata(status.run, config.run_id, config.sort)
@@ -125,12 +124,10 @@ def run_not_failed(
     )
 
 
-@dg.asset_check(
-    asset=ASSET_KEY,
-    name=RUN_NOT_EXPIRED,
-    partitions_def=segments_partitions,
+@_partitioned_check(
+    RUN_NOT_EXPIRED,
+    "The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
     pool=API_POOL,
-    description="The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
 )
 def run_not_expired(
     context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
@@ -140,8 +137,8 @@ def run_not_expired(
         materialized = _materialized(context)
         if materialized is None:
             return _not_applicable(RUN_NOT_EXPIRED)
-        started_at = datetime.fromtimestamp(float(materialized["run_started_at"]), UTC)
-        return _expiry(started_at, str(materialized["run_id"]), {"run_id": materialized["run_id"]}, now)
+        started_at = datetime.fromtimestamp(float(materialized[RUN_STARTED_AT]), UTC)
+        return _expiry(started_at, str(materialized[RUN_ID]), {RUN_ID: materialized[RUN_ID]}, now)
     with activecampaign.get_client() as client:
         status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
     if status.state is RunState.EXPIRED:
@@ -157,15 +154,13 @@ def run_not_expired(
     return _expiry(status.run.run_id_start, config.run_id, run_metadata(status.run, config.run_id, config.sort), now)
 
 
-@dg.asset_check(
-    asset=ASSET_KEY,
-    name=MATCHES_COMPLETE,
-    partitions_def=segments_partitions,
-    description="The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
+@_partitioned_check(
+    MATCHES_COMPLETE,
+    "The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
 )
 def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: PartitionSummary) -> dg.AssetCheckResult:
     materialized = _materialized(context) or {}
-    expected = materialized.get("page_total")
+    expected = materialized.get(PAGE_TOTAL)
     rows = segment_matches.rows
     in_order = segment_matches.positions_exact
     duplicates = segment_matches.repeated_contacts

@@ -18,13 +18,27 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from matchall_dagster.orchestration.checks import ASSET_KEY, SEGMENT_NAME, STATUS, labelled
+from matchall_dagster.lifecycle.record import DELETED, LISTED_AGAIN, DeletionRecord
+from matchall_dagster.orchestration.metadata import labelled
+from matchall_dagster.orchestration.names import DELETED_PARTITIONS, MATCHES_KEY
 from matchall_dagster.orchestration.partitions import segments_partitions
 
-deleted_segments = dg.DynamicPartitionsDefinition(name="deleted_segments")
-DELETED = "deleted"
-LISTED_AGAIN = "listed_again"
-REASON = "reason"
+__all__ = [
+    "DELETED",
+    "KICKOFF_404",
+    "LISTED_AGAIN",
+    "MISSING_TWICE",
+    "Forgotten",
+    "NotForgettableError",
+    "deleted_ids",
+    "deleted_observation",
+    "deleted_segments",
+    "forget",
+    "is_deleted",
+    "listed_again_observation",
+]
+
+deleted_segments = dg.DynamicPartitionsDefinition(name=DELETED_PARTITIONS)
 MISSING_TWICE = "missing from two listings in a row"
 KICKOFF_404 = "the kick-off answered 404 (no such segment)"
 
@@ -40,11 +54,9 @@ def is_deleted(instance: dg.DagsterInstance, segment_id: str) -> bool:
 
 
 def deleted_observation(segment_id: str, reason: str, name: str | None = None) -> dg.AssetObservation:
-    metadata: dict[str, str] = {STATUS: DELETED, REASON: reason}
-    if name:
-        metadata[SEGMENT_NAME] = name
+    metadata = DeletionRecord(status=DELETED, reason=reason, segment_name=name or None).to_metadata()
     return dg.AssetObservation(
-        asset_key=ASSET_KEY,
+        asset_key=MATCHES_KEY,
         partition=segment_id,
         description=f"ActiveCampaign no longer has {labelled(segment_id, name)} ({reason}): marked deleted, no "
         f"longer kicked off. Its stored rows are kept. It comes back by itself if ActiveCampaign lists it again; "
@@ -54,11 +66,9 @@ def deleted_observation(segment_id: str, reason: str, name: str | None = None) -
 
 
 def listed_again_observation(segment_id: str, name: str | None = None) -> dg.AssetObservation:
-    metadata: dict[str, str] = {STATUS: LISTED_AGAIN}
-    if name:
-        metadata[SEGMENT_NAME] = name
+    metadata = DeletionRecord(status=LISTED_AGAIN, segment_name=name or None).to_metadata()
     return dg.AssetObservation(
-        asset_key=ASSET_KEY,
+        asset_key=MATCHES_KEY,
         partition=segment_id,
         description=f"ActiveCampaign lists {labelled(segment_id, name)} again: no longer marked deleted; the next "
         f"kick-off starts a run of it.",

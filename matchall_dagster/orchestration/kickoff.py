@@ -1,8 +1,9 @@
 """Starting match-all runs: the kick-off job, its daily schedule, and the pending-run records.
 
-Each started run is recorded as an `AssetObservation` of its `segment_matches` partition
-(status `pending`, run id, sort, start time, kick-off id), so the UI shows per partition which
-run is pending since when, and the readiness sensor picks the runs up from the event log.
+Each started run is recorded as an `AssetObservation` of its `segment_matches` partition (a
+`PendingRecord`: run id, sort, start time, kick-off id; see `pending_runs`), so the UI shows per
+partition which run is pending since when, and the readiness sensor picks the runs up from the
+event log.
 
 Segments marked deleted (see `deletions`) are not started; a tracked segment whose start answers
 404 is marked there and then. Names come from the catalog table (one local read per kick-off).
@@ -20,43 +21,33 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from matchall_dagster.api.errors import ActiveCampaignError, AuthenticationError, SegmentNotFoundError
-from matchall_dagster.api.models import MatchAllRun
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_sort
+from matchall_dagster.lifecycle.record import PENDING, key
 from matchall_dagster.orchestration.catalog import names_of, read_catalog
-from matchall_dagster.orchestration.checks import API_POOL, ASSET_KEY, SEGMENT_NAME, STATUS, labelled, run_metadata
 from matchall_dagster.orchestration.deletions import KICKOFF_404, deleted_ids, deleted_observation, deleted_segments
+from matchall_dagster.orchestration.metadata import labelled
+from matchall_dagster.orchestration.names import API_POOL, KICKOFF_JOB, KICKOFF_SCHEDULE, MATCHES_KEY
 from matchall_dagster.orchestration.partitions import segments_partitions, tracked
+from matchall_dagster.orchestration.pending_runs import pending_observation, pending_record
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.settings import ConfigurationError, settings
 
-PENDING = "pending"
-ATTEMPT = "attempt"
-KICKOFF = "matchall/kickoff"  # the root Dagster run id of the kick-off that started the run
+__all__ = [
+    "KICKOFF",
+    "PENDING",
+    "KickoffConfig",
+    "kickoff_id",
+    "match_all_kickoff_job",
+    "match_all_kickoff_schedule",
+    "pending_observation",
+    "start_match_all_runs",
+    "started_segments",
+]
+
+KICKOFF = key("kickoff")  # the metadata key of the kick-off's id in a pending-run record
 RESUME_PAGE = 2_000
 PACE_MARGIN = 0.1
 PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
-
-
-def pending_observation(
-    segment_id: str,
-    run: MatchAllRun,
-    sort: str,
-    attempt: int = 1,
-    kickoff: str | None = None,
-    name: str | None = None,
-) -> dg.AssetObservation:
-    metadata = {STATUS: PENDING, ATTEMPT: attempt, **run_metadata(run, run.run_id, sort)}
-    if kickoff is not None:
-        metadata[KICKOFF] = kickoff
-    if name:
-        metadata[SEGMENT_NAME] = name
-    return dg.AssetObservation(
-        asset_key=ASSET_KEY,
-        partition=segment_id,
-        description=f"Match-all run {run.run_id} of {labelled(segment_id, name)} pending since "
-        f"{run.run_id_start:%Y-%m-%d %H:%M:%S} UTC.",
-        metadata=metadata,
-    )
 
 
 def kickoff_id(run: dg.DagsterRun) -> str:
@@ -77,21 +68,14 @@ def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
     cursor = None
     while True:
         page = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=ASSET_KEY, after_timestamp=since),
+            dg.AssetRecordsFilter(asset_key=MATCHES_KEY, after_timestamp=since),
             limit=RESUME_PAGE,
             cursor=cursor,
             ascending=True,
         )
         for record in page.records:
-            observation = record.asset_observation
-            if observation is None or record.partition_key is None:
-                continue
-            status, recorded_by = observation.metadata.get(STATUS), observation.metadata.get(KICKOFF)
-            if (
-                status is not None
-                and recorded_by is not None
-                and (status.value, recorded_by.value) == (PENDING, kickoff)
-            ):
+            pending = pending_record(record)
+            if pending is not None and pending.kickoff == kickoff and record.partition_key is not None:
                 started.add(record.partition_key)
         cursor = page.cursor
         if not page.has_more:
@@ -139,6 +123,19 @@ def _mark_deleted(context: dg.OpExecutionContext, segment_id: str, name: str | N
     context.log_event(deleted_observation(segment_id, KICKOFF_404, name))
 
 
+def _without_deleted(context: dg.OpExecutionContext, segment_ids: list[str]) -> list[str]:
+    """The segments not marked deleted (a marked one comes back when ActiveCampaign lists it again)."""
+    deleted = deleted_ids(context.instance)
+    skipped = [segment_id for segment_id in segment_ids if segment_id in deleted]
+    if skipped:
+        context.log.info(
+            f"Skipped {len(skipped)} segment(s) marked deleted in ActiveCampaign: {', '.join(skipped[:20])}"
+            f"{' ...' if len(skipped) > 20 else ''}. Each comes back once ActiveCampaign lists it again; "
+            f"`matchall forget SEGMENT_ID` drops its partition."
+        )
+    return [segment_id for segment_id in segment_ids if segment_id not in deleted]
+
+
 class KickoffConfig(dg.Config):
     sort: str = Field(default=DEFAULT_SORT, description="The sort of every run started.")
     segment_ids: list[str] | None = Field(
@@ -164,15 +161,7 @@ def start_match_all_runs(
         raise dg.Failure(description=f"{exc} Fix the kick-off's run configuration.") from None
     assert segments_partitions.name is not None
     segment_ids = tracked(config.segment_ids or context.instance.get_dynamic_partitions(segments_partitions.name))
-    deleted = deleted_ids(context.instance)
-    if deleted.intersection(segment_ids):
-        skipped = [segment_id for segment_id in segment_ids if segment_id in deleted]
-        context.log.info(
-            f"Skipped {len(skipped)} segment(s) marked deleted in ActiveCampaign: {', '.join(skipped[:20])}"
-            f"{' ...' if len(skipped) > 20 else ''}. Each comes back once ActiveCampaign lists it again; "
-            f"`matchall forget SEGMENT_ID` drops its partition."
-        )
-        segment_ids = [segment_id for segment_id in segment_ids if segment_id not in deleted]
+    segment_ids = _without_deleted(context, segment_ids)
     names = names_of(read_catalog(duckdb.database))  # one local read; empty without a catalog
     kickoff = kickoff_id(context.dagster_run)
     done = started_segments(context.instance, kickoff)  # empty unless this kick-off was interrupted
@@ -218,7 +207,10 @@ def start_match_all_runs(
         )
 
 
-@dg.job(description="Starts match-all runs for the tracked segments; the readiness sensor takes it from there.")
+@dg.job(
+    name=KICKOFF_JOB,
+    description="Starts match-all runs for the tracked segments; the readiness sensor takes it from there.",
+)
 def match_all_kickoff_job() -> None:
     start_match_all_runs()
 
@@ -226,7 +218,7 @@ def match_all_kickoff_job() -> None:
 def _kickoff_schedule(cron: str) -> dg.ScheduleDefinition:
     try:
         return dg.ScheduleDefinition(
-            name="match_all_kickoff_schedule",
+            name=KICKOFF_SCHEDULE,
             job=match_all_kickoff_job,
             cron_schedule=cron,
             execution_timezone="UTC",

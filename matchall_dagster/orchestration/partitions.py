@@ -6,9 +6,10 @@ from collections.abc import Iterable
 
 import dagster as dg
 
+from matchall_dagster.orchestration.names import SEGMENTS_PARTITIONS
 from matchall_dagster.settings import settings
 
-segments_partitions = dg.DynamicPartitionsDefinition(name="segments")
+segments_partitions = dg.DynamicPartitionsDefinition(name=SEGMENTS_PARTITIONS)
 
 
 def tracked(segment_ids: Iterable[str]) -> list[str]:

@@ -9,7 +9,20 @@ import dagster as dg
 from pydantic import Field
 
 from matchall_dagster.api.client import ActiveCampaignClient
-from matchall_dagster.api.validation import MAX_PAGE_SIZE
+from matchall_dagster.api.config import (
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_REQUESTS_PER_SECOND,
+    DEFAULT_RETRY_BACKOFF,
+    DEFAULT_TIMEOUT,
+    MaxConcurrentRequests,
+    MaxRetries,
+    PageSize,
+    RequestsPerSecond,
+    RetryBackoff,
+    Timeout,
+)
 
 __all__ = ["ActiveCampaignResource"]
 
@@ -27,24 +40,13 @@ class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
         "https://youraccount.api-us1.com (plain http only to a loopback simulator)."
     )
     api_key: str = Field(description="The account's API key; set it with EnvVar, never inline.", repr=False)
-    request_timeout: float = Field(default=30.0, gt=0, description="Seconds before one request times out.")
-    max_retries: int = Field(
-        default=6, ge=0, le=20, description="Retries of one request on 429, 5xx, network faults and bad bodies."
-    )
-    retry_backoff: float = Field(
-        default=0.5, ge=0, description="Seconds before the first retry; doubles with each further one (up to 30 s)."
-    )
-    requests_per_second: float = Field(
-        default=5.0,
-        gt=0,
-        le=1000,
-        description="This process's share of the account's limit (5/s for the whole account, shared by "
-        "every key and process).",
-    )
-    page_size: int = Field(default=MAX_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description="Contact ids per page.")
-    max_concurrent_requests: int = Field(
-        default=8, ge=1, le=64, description="Pages fetched at once, so that latency does not leave the limit unused."
-    )
+    # Bounds, defaults and descriptions are the client's own (api/config.py), declared once.
+    request_timeout: Timeout = DEFAULT_TIMEOUT
+    max_retries: MaxRetries = DEFAULT_MAX_RETRIES
+    retry_backoff: RetryBackoff = DEFAULT_RETRY_BACKOFF
+    requests_per_second: RequestsPerSecond = DEFAULT_REQUESTS_PER_SECOND
+    page_size: PageSize = DEFAULT_PAGE_SIZE
+    max_concurrent_requests: MaxConcurrentRequests = DEFAULT_MAX_CONCURRENT_REQUESTS
 
     def build_client(
         self,

@@ -10,14 +10,15 @@ from types import TracebackType
 
 import uvicorn
 
-from matchall_dagster.simulator.app import Simulator, _InjectedResetError
+from matchall_dagster.simulator.app import Simulator
+from matchall_dagster.simulator.faults import InjectedResetError
 
 
 class _HideInjectedResets(logging.Filter):
     """Injected resets are the point, not a server error; keep them out of the logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _InjectedResetError))
+        return not (record.exc_info and isinstance(record.exc_info[1], InjectedResetError))
 
 
 def _config(simulator: Simulator, log_level: str) -> uvicorn.Config:

@@ -21,12 +21,11 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-
-# DbIOManager, DbTypeHandler and TableSlice have no public export; dagster-duckdb builds its IO
-# manager from the same classes.
-from dagster._core.storage.db_io_manager import DbIOManager, DbTypeHandler, TableSlice
 from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_pandas import DuckDBPandasIOManager, DuckDBPandasTypeHandler
+
+# No public export of these in Dagster 1.13; the one private import, pinned by a test.
+from matchall_dagster.storage.dagster_private import DbIOManager, DbTypeHandler, TableSlice
 
 TABLE = "segment_matches"
 # Enough for DuckDB to write 10,000,000 rows at full speed and to group them with little spilling

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from matchall_dagster import InvalidResponseError, RunState
 from matchall_dagster.api.models import (
     MatchAllRun,
-    _parse_page_fast,
     parse_error_details,
     parse_page,
     parse_run,
@@ -332,12 +331,39 @@ def test_parse_page_rejects_every_truncation() -> None:
             parse_page(whole[:cut])
 
 
-def test_compact_pages_take_the_fast_path() -> None:
-    """The simulator's (and the API's) compact pages skip the list of Python ints."""
-    compact = json.dumps(
-        {"data": [{"id": "x-1", "type": "matchAll", "attributes": READY}]}, separators=(",", ":")
-    ).encode()
-    fast = _parse_page_fast(compact)
-    assert fast is not None
-    assert fast[1].tolist() == READY["matches"]
-    assert _parse_page_fast(body(READY)) is None  # spaces after commas: the full parser reads it
+@pytest.mark.parametrize(
+    ("ids", "location"),
+    [
+        ([11, 12, 13, 0], "data.0.attributes.matches.3"),
+        ([11, True], "data.0.attributes.matches.1"),
+        ([11, "1_2"], "data.0.attributes.matches.1"),
+        ([2**63], "data.0.attributes.matches.0"),
+        ([1.0], "data.0.attributes.matches.0"),
+        ("1,2", "data.0.attributes.matches"),
+    ],
+)
+def test_a_bad_id_is_named_by_its_place(ids: object, location: str) -> None:
+    compact = json.dumps({"data": [{"attributes": {**READY, "matches": ids}}]}, separators=(",", ":")).encode()
+    with pytest.raises(InvalidResponseError, match=rf"not what the contract promises \({re.escape(location)}: "):
+        parse_page(compact)
+
+
+def test_every_items_ids_are_checked_and_the_first_items_are_returned() -> None:
+    second = {**READY, "matches": [5, 0]}
+    raw = json.dumps({"data": [{"attributes": READY}, {"attributes": second}]}).encode()
+    with pytest.raises(InvalidResponseError, match=r"data\.1\.attributes\.matches\.1: "):
+        parse_page(raw)
+    second["matches"] = [5, 6]
+    run, ids = parse_page(json.dumps({"data": [{"attributes": READY}, {"attributes": second}]}).encode())
+    assert ids is not None
+    assert ids.tolist() == READY["matches"]
+    assert run.matches is None
+
+
+def test_of_duplicate_matches_keys_the_last_counts_as_in_parse_run() -> None:
+    """JSON's last duplicate key wins in pydantic; msgspec must read the ids the same way."""
+    text = json.dumps({"data": [{"attributes": READY}]}, separators=(",", ":"))
+    raw = text.replace('"matches":', '"matches":[0,true],"matches":', 1).encode()
+    _, ids = parse_page(raw)
+    assert ids is not None
+    assert ids.tolist() == READY["matches"] == parse_run(raw).matches

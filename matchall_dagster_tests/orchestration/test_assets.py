@@ -24,7 +24,7 @@ from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, Match
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.orchestration.assets import size_note
 from matchall_dagster.orchestration.catalog import read_catalog
-from matchall_dagster.orchestration.checks import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.simulator import DEFAULT_TOKEN, Behavior, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import (
     CHECKS,

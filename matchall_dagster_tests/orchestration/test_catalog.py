@@ -25,7 +25,7 @@ from matchall_dagster.orchestration.catalog import (
     activecampaign_segments,
     read_catalog,
 )
-from matchall_dagster.orchestration.checks import API_POOL
+from matchall_dagster.orchestration.names import API_POOL
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster.storage import io_manager as storage
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog

@@ -200,3 +200,9 @@ def test_a_large_segment_is_compared_without_python_objects_per_id(tmp_path: Pat
     assert (step.joined, step.left, step.members) == (20_000, 20_000, n)
     print(f"\n{n:,} members, 1 % changed: {elapsed:.2f} s, Python allocated at most {python_peak / 1024:.0f} KiB")
     assert python_peak < 1_000_000  # one int object per changed id alone would take 1.1 MB
+
+
+def test_the_asset_key_is_its_table_s_name() -> None:
+    from matchall_dagster.storage.history import CHANGES_TABLE
+
+    assert CHANGES_KEY.path == [CHANGES_TABLE]

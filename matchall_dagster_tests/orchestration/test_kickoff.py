@@ -19,9 +19,10 @@ from dagster_duckdb import DuckDBResource
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource
 from matchall_dagster.api.models import MatchAllRun
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration.checks import ASSET_KEY, STATUS
+from matchall_dagster.lifecycle.record import STATUS, key
 from matchall_dagster.orchestration.deletions import KICKOFF_404
 from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, match_all_kickoff_job
+from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.settings import duckdb_path
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog, set_setting
@@ -68,9 +69,9 @@ def test_every_tracked_partition_gets_a_run_recorded_as_pending(
     assert set(pending) == {"1", "25001"}
     started = {run.run_id: run for run in server.simulator.runs.values()}
     for segment_id, metadata in pending.items():
-        run = started[str(metadata["run_id"])]
-        assert (run.segment.id, run.sort, metadata["sort"]) == (segment_id, "-cdate", "-cdate")
-        assert isinstance(metadata["run_started_at"], float)
+        run = started[str(metadata[key("run_id")])]
+        assert (run.segment.id, run.sort, metadata[key("sort")]) == (segment_id, "-cdate", "-cdate")
+        assert isinstance(metadata[key("run_started_at")], float)
 
 
 def test_unknown_segments_are_skipped_and_api_failures_fail_the_job_after_the_others(
@@ -106,7 +107,7 @@ def test_a_tracked_segment_answering_404_is_marked_deleted_and_skipped_by_the_ne
     (record,) = records
     assert record.asset_observation is not None
     metadata = {key: entry.value for key, entry in record.asset_observation.metadata.items()}
-    assert metadata == {STATUS: "deleted", "reason": KICKOFF_404, "segment_name": name}
+    assert metadata == {STATUS: "deleted", key("reason"): KICKOFF_404, key("segment_name"): name}
     assert f'segment 10001 "{name}"' in str(record.asset_observation.description)
     assert "matchall forget 10001" in str(record.asset_observation.description)
 
@@ -122,12 +123,12 @@ def test_pending_runs_carry_the_segment_s_name_from_the_catalog(
 ) -> None:
     instance.add_dynamic_partitions("segments", ["1", "25001"])
     assert kickoff(instance, defs).success  # no catalog yet: no names, and no failure
-    assert all("segment_name" not in metadata for metadata in pending_by_partition(instance).values())
+    assert all(key("segment_name") not in metadata for metadata in pending_by_partition(instance).values())
     materialize_catalog(defs, instance)
     assert kickoff(instance, defs).success
     names = {s.id: s.name for s in server.simulator.account.segments}
     pending = pending_by_partition(instance)
-    assert {segment_id: metadata["segment_name"] for segment_id, metadata in pending.items()} == {
+    assert {segment_id: metadata[key("segment_name")] for segment_id, metadata in pending.items()} == {
         "1": names["1"],
         "25001": names["25001"],
     }

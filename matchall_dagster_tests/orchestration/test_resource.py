@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import dagster as dg
 import pydantic
 import pytest
 
-import matchall_dagster
 from matchall_dagster import ActiveCampaignResource, InvalidInputError
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimulatorServer
 
@@ -50,14 +47,3 @@ def test_bad_configuration_is_refused_with_what_to_do() -> None:
         ActiveCampaignResource(api_url="http://acct.api-us1.com", api_key="k").build_client()
     with pytest.raises(pydantic.ValidationError, match="page_size"):
         ActiveCampaignResource(api_url="https://acct.api-us1.com", api_key="k", page_size=20_000)
-
-
-def test_public_names_are_exported() -> None:
-    exported = set(matchall_dagster.__all__)
-    public = {
-        name
-        for name, value in vars(matchall_dagster).items()
-        if not name.startswith("_") and not isinstance(value, ModuleType) and name != "TYPE_CHECKING"
-    }
-    assert public | {"ActiveCampaignResource"} == exported  # the resource is loaded on first use
-    assert all(getattr(matchall_dagster, name) is not None for name in exported)

@@ -35,6 +35,7 @@ from matchall_dagster.simulator import (
     SimulatorConfig,
     SimulatorServer,
 )
+from matchall_dagster.simulator import server as simulator_server
 from matchall_dagster.simulator.account import sort_keys
 from matchall_dagster.simulator.app import Answer
 from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, make_account
@@ -1127,7 +1128,8 @@ def test_reseeding_repeats_the_faults_and_ends_a_burst(serve_simulator: ServeSim
 
 def test_every_fault_is_an_option_of_matchall_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
     served: list[Simulator] = []
-    monkeypatch.setattr(cli, "serve", lambda simulator, **_: served.append(simulator))
+    # The command imports the server when it runs (the simulator extra): replace it where it is.
+    monkeypatch.setattr(simulator_server, "serve", lambda simulator, **_: served.append(simulator))
     settings = {
         "non_json_rate": 0.25,
         "total_drift_rate": 0.5,

@@ -1,0 +1,79 @@
+"""What the sensor tests share: one tick through `evaluate_tick`, the sensors' clock, pending runs
+recorded as the kick-off records them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from matchall_dagster import ActiveCampaignClient
+from matchall_dagster.lifecycle.cursor import ReadinessCursor
+from matchall_dagster.lifecycle.policy import FIRST_POLL_DELAY
+from matchall_dagster.orchestration.pending_runs import pending_observation
+from matchall_dagster.simulator import DEFAULT_TOKEN, SimulatorServer
+from matchall_dagster_tests.conftest import sensor_context
+
+READINESS = "match_all_readiness_sensor"
+DISCOVERY = "segment_discovery_sensor"
+LOG = logging.getLogger("test")
+
+
+def tick(
+    instance: dg.DagsterInstance, defs: dg.Definitions, name: str, cursor: str | None = None
+) -> dg.SensorExecutionData:
+    with sensor_context(instance, defs, cursor) as context:
+        return defs.resolve_sensor_def(name).evaluate_tick(context)
+
+
+class Clock:
+    """The sensors' wall clock, moved forward by the test instead of waiting. It starts
+    FIRST_POLL_DELAY ahead, so that runs recorded by a test are due at once."""
+
+    def __init__(self) -> None:
+        self.offset = FIRST_POLL_DELAY
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def record_pending(
+    instance: dg.DagsterInstance,
+    server: SimulatorServer,
+    *segment_ids: str,
+    sort: str = "id",
+    names: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Start runs as the kick-off does and record them as pending; returns run ids by segment."""
+    instance.add_dynamic_partitions(
+        "segments", sorted(set(segment_ids) - set(instance.get_dynamic_partitions("segments")))
+    )
+    runs = {}
+    with ActiveCampaignClient(server.url, DEFAULT_TOKEN, requests_per_second=1000) as client:
+        for segment_id in segment_ids:
+            run = client.start_run(segment_id, sort=sort)
+            name = (names or {}).get(segment_id)
+            instance.report_runless_asset_event(pending_observation(segment_id, run, sort, name=name))
+            runs[segment_id] = run.run_id
+    return runs
+
+
+def stored_rows(duckdb_file: Path, segment_id: str) -> int:
+    connection = duckdb.connect(str(duckdb_file), read_only=True)
+    try:
+        ((count,),) = connection.execute(
+            "select count(*) from main.segment_matches where segment_id = ?", [segment_id]
+        ).fetchall()
+    finally:
+        connection.close()
+    return int(count)
+
+
+def cursor_of(data: dg.SensorExecutionData) -> ReadinessCursor:
+    return ReadinessCursor.load(data.cursor, LOG)
