@@ -74,11 +74,11 @@ class SortKey:
         return ("-" if self.descending else "") + self.field
 
 
-def parse_sort(sort: object, *, allow_bare_field: bool = False) -> tuple[SortKey, ...]:
+def parse_sort(sort: object) -> tuple[SortKey, ...]:
     """Parse API.md's sort grammar: comma-separated keys, each optionally prefixed with '-'.
 
-    `allow_bare_field` admits `field` without a custom field id, which the OpenAPI enum lists but
-    whose meaning is undefined; the simulator accepts it, the client refuses it.
+    A bare `field` (no custom field id), which the seed document's enum lists but whose meaning is
+    undefined, is refused: the client never sends it.
     """
     if not isinstance(sort, str):
         raise InvalidInputError(
@@ -91,8 +91,7 @@ def parse_sort(sort: object, *, allow_bare_field: bool = False) -> tuple[SortKey
         descending = raw.startswith("-")
         name = raw[1:] if descending else raw
         numbered = _NUMBERED_SORT_FIELD.fullmatch(name)
-        bare_field = allow_bare_field and name == "field"
-        if name not in _SORT_FIELDS and numbered is None and not bare_field:
+        if name not in _SORT_FIELDS and numbered is None:
             allowed = ", ".join(sorted(_SORT_FIELDS))
             raise InvalidInputError(
                 f"The sort {_shown(sort)} has an unknown key {_shown(raw)}. Use comma-separated "

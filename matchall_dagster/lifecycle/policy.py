@@ -36,7 +36,6 @@ REQUESTS_PER_TICK = math.floor(SENSOR_REQUESTS_PER_SECOND * POLL_WINDOW_SECONDS)
 FIRST_POLL_DELAY = 5.0
 MAX_POLL_DELAY = 600.0
 UNAVAILABLE_STOPS_TICK = 3  # consecutive 429/5xx/network failures: the API is struggling, stop for now
-DEFAULT_MAX_ATTEMPTS = 3  # runs started per segment and kick-off when runs keep failing
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,8 @@ class Decision:
     run: PendingRun
 
 
-def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Decision:
+def decide(run: PendingRun, status: RunStatus, now: float, *, max_attempts: int) -> Decision:
+    """The next step of a polled run; `max_attempts` is MATCHALL_MAX_RUN_ATTEMPTS (settings)."""
     if status.state is RunState.READY:
         return Decision(Step.MATERIALIZE, replace(run, polls=run.polls + 1))
     if status.state is RunState.EXPIRED:

@@ -59,10 +59,10 @@ def test_sorts_of_the_reference_parse(sort: str, keys: list[str]) -> None:
     assert validate_sort(sort) == sort
 
 
-def test_bare_field_is_only_for_the_simulator() -> None:
-    with pytest.raises(InvalidInputError):
-        parse_sort("field")
-    assert [str(k) for k in parse_sort("-field", allow_bare_field=True)] == ["-field"]
+def test_a_bare_field_is_refused() -> None:
+    for sort in ("field", "-field", "id,field"):
+        with pytest.raises(InvalidInputError, match="unknown key"):
+            parse_sort(sort)
 
 
 @given(st.text(max_size=30))

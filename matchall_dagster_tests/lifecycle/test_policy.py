@@ -63,7 +63,7 @@ def test_polls_back_off_with_the_run_s_age() -> None:
     polled_at = []
     while run.next_poll_at < 3_600:
         polled_at.append(run.next_poll_at)
-        run = decide(run, status(RunState.RUNNING), now=run.next_poll_at).run
+        run = decide(run, status(RunState.RUNNING), now=run.next_poll_at, max_attempts=3).run
     assert polled_at[:6] == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0]  # soon after the start, then less often
     assert run.polls == len(polled_at) == 12  # an hour-long run costs a dozen polls
     assert poll_delay(10**6) == MAX_POLL_DELAY
@@ -128,7 +128,7 @@ def simulate(
             worst_excess = max(worst_excess, ticks - seen_tick - rank // budget)
             run = PendingRun("s", str(i), "id", started_at=started[i], storage_id=i, polls=polls[i])
             ready = now >= started[i] + ready_after[i]
-            decision = decide(run, status(RunState.READY if ready else RunState.RUNNING), now)
+            decision = decide(run, status(RunState.READY if ready else RunState.RUNNING), now, max_attempts=3)
             polls[i] += 1
             if item.fresh:
                 cursor.after = i
