@@ -36,17 +36,15 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
         sensors=[segment_discovery_sensor, match_all_readiness_sensor, membership_changes_sensor],
         # One process per run: every Dagster process costs about 200 MiB and 2-3 s of imports
         # before any data, and a run's steps (the asset, then its checks) never run in parallel
-        # anyway, since the API steps share one pool slot. A run of 10,000,000 members peaks at
+        # anyway (the checks wait for the asset). A run of 10,000,000 members peaks at
         # about 470 MiB instead of 680 MiB over four processes, in a quarter of the time.
         executor=dg.in_process_executor,
         resources={
             # No fallback to the simulator: unset variables fail loudly when something needs the API.
-            # Runs take 4 requests/s (one at a time: the `activecampaign` pool, dagster.yaml) and
-            # the sensors 1/s (SENSOR_REQUESTS_PER_SECOND, orchestration/share.py): 5/s for the account.
+            # Every process (runs, the daemon's sensors) takes from one request budget of 5/s for
+            # the account, kept in MATCHALL_REQUEST_BUDGET (default: a file in DAGSTER_HOME).
             "activecampaign": ActiveCampaignResource(
-                api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
-                api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
-                requests_per_second=4,
+                api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"), api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY")
             ),
             # Swap in the pandas IO manager of a warehouse (Snowflake, BigQuery, ...) here; the asset
             # declares its partition column as `partition_expr`.

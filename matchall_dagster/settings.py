@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["ConfigurationError", "Settings", "duckdb_path", "settings", "settings_table"]
 
 PREFIX = "MATCHALL_"
+BUDGET_FILE = "matchall-request-budget.sqlite"
 # Five fields of the characters cron allows; Dagster checks the expression itself when the
 # schedule is built, and `orchestration.kickoff` turns its error into a ConfigurationError.
 _CRON = re.compile(r"[0-9*/,\-A-Za-z?LW#]+( [0-9*/,\-A-Za-z?LW#]+){4}")
@@ -55,6 +56,12 @@ class Settings(BaseSettings):
         le=100,
         description="Runs a segment gets per kick-off when they keep failing (the first and the fresh ones).",
     )
+    request_budget: str | None = Field(
+        default=None,
+        description="Where the account's request budget lives, shared by every process that calls the API: "
+        "`memory`, a SQLite file (`sqlite:///path` or a path) or `postgresql://USER@HOST:PORT/DB` (password from "
+        "`PGPASSWORD`). Default: `matchall-request-budget.sqlite` in `DAGSTER_HOME` (else `memory`).",
+    )
     max_change_share: float = Field(
         default=0.5,
         gt=0,
@@ -74,6 +81,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"{segment_id[:60]!r} is not a segment id (letters, digits, '-', '_', '.', '~')")
         return frozenset(ids) or None
 
+    @field_validator("request_budget")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        from matchall_dagster.api.budget import BudgetStore
+        from matchall_dagster.api.errors import InvalidInputError
+
+        if value is None:
+            return None
+        try:
+            BudgetStore.parse(value)
+        except InvalidInputError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip()
+
     @field_validator("kickoff_cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
@@ -87,6 +108,13 @@ class Settings(BaseSettings):
         if self.duckdb_path is not None:
             return str(self.duckdb_path)
         return str(Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb")
+
+    def budget_store(self) -> str:
+        """The request budget's store: MATCHALL_REQUEST_BUDGET, else a file in DAGSTER_HOME, else memory."""
+        if self.request_budget is not None:
+            return self.request_budget
+        home = os.environ.get("DAGSTER_HOME")
+        return str(Path(home) / BUDGET_FILE) if home else "memory"
 
 
 @functools.cache

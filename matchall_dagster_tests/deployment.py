@@ -274,6 +274,8 @@ def _children_env(*, dagster_home: Path, duckdb_path: Path, simulator_url: str, 
         "ACTIVECAMPAIGN_API_URL": simulator_url,
         "ACTIVECAMPAIGN_API_KEY": DEFAULT_TOKEN,
         "MATCHALL_DUCKDB_PATH": str(duckdb_path),
+        # The account's budget in this session's database, as deploy/dagster.yaml says production keeps it.
+        "MATCHALL_REQUEST_BUDGET": f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}",
         "MATCHALL_KICKOFF_CRON": "* * * * *",  # the schedule fires within the session
         "MATCHALL_MAX_RUN_ATTEMPTS": "1",  # one failed run per kick-off: fewer runs on 2 cores
         "PYTHONUNBUFFERED": "1",

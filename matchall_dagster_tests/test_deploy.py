@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 import pytest
@@ -34,9 +35,9 @@ from dagster._core.instance.config import dagster_instance_config  # what loadin
 from dagster._core.run_coordinator import QueuedRunCoordinator
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
+from matchall_dagster.api.budget import BudgetStore
 from matchall_dagster.definitions import defs as project_defs
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
-from matchall_dagster.orchestration.share import SENSOR_REQUESTS_PER_SECOND
 from matchall_dagster.simulator import DEFAULT_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 MODULE = "matchall_dagster.definitions"
 ACCOUNT_REQUESTS_PER_SECOND = 5  # ActiveCampaign: 5 requests/s per account (API.md)
 # What the README's `kubectl create secret` commands put in each secret the values name.
-SECRET_KEYS = {"activecampaign-api": {"ACTIVECAMPAIGN_API_KEY"}}
+SECRET_KEYS = {"activecampaign-api": {"ACTIVECAMPAIGN_API_KEY"}, "matchall-request-budget": {"PGPASSWORD"}}
 PG_PASSWORD_KEY = "postgresql-password"  # the key the chart reads from global.postgresqlSecretName
 # The chart's own defaults for what the rendering below needs and the values leave alone
 # (helm/dagster/values.yaml and _helpers.tpl); the release as the README installs it.
@@ -409,23 +410,34 @@ def test_queue_pools_sensors_and_telemetry_match_the_production_instance(tmp_pat
     assert (coordinator.get("config", {}).get("queuedRunCoordinator") or {}).get("maxConcurrentRuns") is None
     concurrency = values["concurrency"]
     assert concurrency["enabled"] is True
-    assert concurrency["pools"]["defaultLimit"] == production["concurrency"]["pools"]["default_limit"] == 1
+    assert concurrency["pools"]["defaultLimit"] == production["concurrency"]["pools"]["default_limit"] == 4
     assert concurrency["runs"]["maxConcurrentRuns"] == production["concurrency"]["runs"]["max_concurrent_runs"]
     assert values["dagsterDaemon"]["sensors"]["useThreads"] is production["sensors"]["use_threads"] is False
     assert values["telemetry"]["enabled"] is production["telemetry"]["enabled"] is False
 
 
-def test_runs_and_sensors_on_the_cluster_stay_under_the_account_limit() -> None:
-    """Pools are instance-wide (kept in PostgreSQL): however many run pods, (API steps at a time) x
-    (their client's requests/s) + (sensors at a time) x (the sensors' requests/s) <= 5."""
+def test_every_pod_takes_from_one_budget_in_the_instances_postgresql() -> None:
+    """Pools are instance-wide, but the rate is the budget's: the code server (sensors) and, through
+    includeConfigInLaunchedRuns, every run pod name the same PostgreSQL store, on the instance's
+    server, with the password from the chart's secret (never a literal)."""
     values = load_values()
+    env = {v["name"]: v for v in deployment(values)["env"]}
+    store = BudgetStore.parse(env["MATCHALL_REQUEST_BUDGET"]["value"])
+    assert store.kind == "postgresql"
+    url = urlsplit(store.location)
+    postgres = values["postgresql"]
+    assert (url.hostname, url.username, url.path.lstrip("/")) == (
+        postgres["postgresqlHost"],
+        postgres["postgresqlUsername"],
+        postgres["postgresqlDatabase"],
+    )
+    assert url.password is None  # PGPASSWORD, from the secret matchall-request-budget
+    assert "PGPASSWORD" not in env
+    assert {"name": "matchall-request-budget"} in deployment(values)["envSecrets"]
+    assert {"name": "matchall-request-budget"} in k8s_launcher(values)["envSecrets"]
     resource = (project_defs.resources or {})["activecampaign"]
     assert isinstance(resource, ActiveCampaignResource)
-    steps_at_once = values["concurrency"]["pools"]["defaultLimit"]
-    sensors_at_once = 1 if values["dagsterDaemon"]["sensors"]["useThreads"] is False else None
-    assert sensors_at_once == 1, "the sensors' share assumes one evaluation at a time (sensors.useThreads: false)"
-    total = steps_at_once * resource.requests_per_second + sensors_at_once * SENSOR_REQUESTS_PER_SECOND
-    assert total <= ACCOUNT_REQUESTS_PER_SECOND, f"{total}/s exceeds the account's {ACCOUNT_REQUESTS_PER_SECOND}/s"
+    assert resource.requests_per_second == ACCOUNT_REQUESTS_PER_SECOND
 
 
 def test_duckdb_file_is_on_the_volume_every_run_pod_mounts() -> None:
@@ -448,7 +460,7 @@ def test_charts_instance_file_passes_dagsters_validation(tmp_path: Path, monkeyp
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", secrets.token_hex(16))  # {env: ...} is resolved
     config = validated_instance(chart_instance_config(load_values()), tmp_path / "home")
     assert config["run_launcher"] == {**config["run_launcher"], "module": "dagster_k8s", "class": "K8sRunLauncher"}
-    assert config["concurrency"] == {"pools": {"default_limit": 1}, "runs": {"max_concurrent_runs": 4}}
+    assert config["concurrency"] == {"pools": {"default_limit": 4}, "runs": {"max_concurrent_runs": 4}}
     assert "sensors" not in config  # the default: one evaluation at a time
     assert config["telemetry"] == {"enabled": False}
     # The classes' own config, as rehydrating the instance checks it (dagster-k8s: -m slow).
@@ -499,7 +511,7 @@ def test_no_secret_is_written_in_the_deploy_files() -> None:
     for path in DEPLOY_FILES:
         text = path.read_text()
         assert DEFAULT_TOKEN not in text, path
-        assert not re.search(r"://[^/\s]*@", text), f"{path}: no user:password@host in a URL"
+        assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), f"{path}: no user:password@host in a URL"
     for line in dockerfile_instruction("ENV") + dockerfile_instruction("ARG"):
         assert not re.search(r"KEY|PASSWORD|TOKEN|SECRET", line), f"Dockerfile bakes a secret in: {line}"
 
@@ -507,9 +519,10 @@ def test_no_secret_is_written_in_the_deploy_files() -> None:
 def test_secret_scan_finds_literals() -> None:
     values = load_values()
     values["postgresql"]["postgresqlPassword"] = "hunter2"
-    deployment(values)["env"].append({"name": "ACTIVECAMPAIGN_API_KEY", "value": "abc"})
+    env = deployment(values)["env"]
+    env.append({"name": "ACTIVECAMPAIGN_API_KEY", "value": "abc"})
     assert sorted(_secret_like_literals(values)) == [
-        "dagster-user-deployments.deployments[0].env[2].ACTIVECAMPAIGN_API_KEY",
+        f"dagster-user-deployments.deployments[0].env[{len(env) - 1}].ACTIVECAMPAIGN_API_KEY",
         "postgresql.postgresqlPassword",
     ]
 

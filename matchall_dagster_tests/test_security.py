@@ -63,7 +63,6 @@ from matchall_dagster import (
 from matchall_dagster.api.validation import validate_api_url
 from matchall_dagster.cli import main
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration import share
 from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, SimulatorServer
 from matchall_dagster_tests.conftest import ServeSimulator, make_account
@@ -328,6 +327,7 @@ def tick(
         return defs.resolve_sensor_def(name).evaluate_tick(context)
 
 
+@pytest.mark.usefixtures("fast_budget")
 def test_the_api_token_appears_nowhere(
     tmp_path: Path,
     serve_simulator: ServeSimulator,
@@ -388,9 +388,7 @@ def test_the_api_token_appears_nowhere(
         }
         assert dagster("echoing kick-off", kickoff, echo_env, echo_kickoff) != 0
 
-        # Sensor ticks, logging into the instance as the daemon's do; not paced at the sensors'
-        # 1 request/s, which only spaces requests out.
-        monkeypatch.setattr(share, "SENSOR_REQUESTS_PER_SECOND", 1000.0)
+        # Sensor ticks, logging into the instance as the daemon's do (the budget at 1,000/s: `fast_budget`).
         defs = build_definitions()
         fast = ActiveCampaignResource(
             api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"), api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"), retry_backoff=0

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from matchall_dagster.api.budget import RequestBudget
 from matchall_dagster.api.config import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_RETRIES,
@@ -70,7 +71,10 @@ T = TypeVar("T")
 class ActiveCampaignClient:
     """A client of one ActiveCampaign account's Match-All API; thread-safe, reuse it.
 
-    The settings are those of `ClientConfig` (bounds and meaning declared there); `transport`,
+    The settings are those of `ClientConfig` (bounds and meaning declared there). `budget` is
+    the account's request budget to take from (`api.budget.request_budget`): without one, the
+    client shares this process's own window of the account at `requests_per_second`; give it one
+    in a file or PostgreSQL to share the account's 5/s with other processes. `transport`,
     `sleep` and `clock` are injectable so that tests can run it in-process and without real waiting.
     """
 
@@ -86,6 +90,7 @@ class ActiveCampaignClient:
         requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND,
         page_size: int = DEFAULT_PAGE_SIZE,
         max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+        budget: RequestBudget | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -106,10 +111,13 @@ class ActiveCampaignClient:
         self.max_concurrent_requests = self.config.max_concurrent_requests
         self._sleep = sleep
         self._clock = clock
-        self._gate = RequestGate(self.base_url, api_key, self.config, transport=transport, sleep=sleep, clock=clock)
+        self._gate = RequestGate(
+            self.base_url, api_key, self.config, budget=budget, transport=transport, sleep=sleep, clock=clock
+        )
+        self.budget = self._gate.budget
 
     def __repr__(self) -> str:
-        return f"ActiveCampaignClient(api_url={self.base_url!r}, requests_per_second={self.requests_per_second})"
+        return f"ActiveCampaignClient(api_url={self.base_url!r}, budget={self.budget!r})"
 
     def close(self) -> None:
         self._gate.close()

@@ -83,8 +83,8 @@ RequestsPerSecond = Annotated[
         gt=0,
         le=1000,
         allow_inf_nan=False,
-        description="This process's share of the account's limit (5/s for the whole account, shared by "
-        "every key and process).",
+        description="The account's limit: requests per second for everything that calls it (5 for "
+        "ActiveCampaign), kept in the request budget every process of the account shares.",
     ),
 ]
 PageSize = Annotated[
@@ -102,7 +102,7 @@ MaxConcurrentRequests = Annotated[
 
 
 class ClientConfig(BaseModel):
-    """How one client talks to the API: time-outs, retries, its share of the rate limit, paging.
+    """How one client talks to the API: time-outs, retries, the account's rate limit, paging.
 
     Strict: `True` is not a number of retries, nor "5" a rate. Build it with `of(...)` to have
     a mistake raised as `InvalidInputError` naming the argument and what it takes.

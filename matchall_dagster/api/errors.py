@@ -12,6 +12,7 @@ __all__ = [
     "ActiveCampaignError",
     "AuthenticationError",
     "BadRequestError",
+    "BudgetStoreError",
     "InconsistentResultError",
     "InvalidInputError",
     "InvalidResponseError",
@@ -29,6 +30,10 @@ class ActiveCampaignError(Exception):
 
 class InvalidInputError(ActiveCampaignError, ValueError):
     """Input we can check ourselves was wrong; no request was sent."""
+
+
+class BudgetStoreError(ActiveCampaignError):
+    """The store of the account's request budget cannot be used; nothing was sent unmetered."""
 
 
 class AuthenticationError(ActiveCampaignError):

@@ -1,8 +1,9 @@
 """The request gate: every request of a client passes here, and only here.
 
-One `httpx.Client` (keep-alive) behind the client-side rate limit (a sliding-window log from
-pyrate-limiter, taken in arrival order, so that no one-second window ever holds more than the
-configured requests), a pause shared by all threads when the server says `Retry-After`, and
+One `httpx.Client` (keep-alive) behind the account's request budget (`budget`: one place per
+request, taken by this gate's threads in arrival order, so that no one-second window of the
+account ever holds more than its limit), a pause shared by all threads when the server says
+`Retry-After`, and
 tenacity's retries with exponential backoff and jitter for the failures worth retrying. Statuses
 become the errors of `errors` here, at one boundary; bodies are read with a size bound.
 """
@@ -19,8 +20,8 @@ from typing import TypeVar
 
 import httpx
 import tenacity
-from pyrate_limiter import Limiter, Rate
 
+from matchall_dagster.api.budget import MEMORY, RequestBudget, request_budget
 from matchall_dagster.api.config import ClientConfig
 from matchall_dagster.api.errors import (
     ActiveCampaignError,
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-# Requests leave this process a few milliseconds after the limiter admits them (thread hand-off,
-# sleep overshoot); widening each window by this much keeps the server's count within the limit.
-_WINDOW_GUARD_MS = 15
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
@@ -59,7 +57,8 @@ class _InvalidBodyError(_RetryableError, InvalidResponseError):
 class RequestGate:
     """Sends GETs to one account's API within the rate limit, retrying what is worth it.
 
-    Thread-safe: the page threads of one client share its gate, its limit and its pauses.
+    Thread-safe: the page threads of one client share its gate, its budget and its pauses.
+    Without a `budget`, the gate takes from this process's own window of the account (`memory`).
     `transport`, `sleep` and `clock` are injectable for tests.
     """
 
@@ -69,11 +68,13 @@ class RequestGate:
         api_key: str,
         config: ClientConfig,
         *,
+        budget: RequestBudget | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url
+        self.budget = budget or request_budget(MEMORY, base_url, config.requests_per_second)
         self.config = config
         self._api_key = api_key
         self._sleep = sleep
@@ -82,8 +83,7 @@ class RequestGate:
         # jitter so that clients spread out.
         backoff = config.retry_backoff
         self._backoff_wait = tenacity.wait_exponential_jitter(multiplier=backoff, max=30.0, jitter=backoff)
-        self._limiter = Limiter(window_rate(config.requests_per_second), buffer_ms=1)
-        self._limiter_queue = FairLock()
+        self._budget_queue = FairLock()
         self._pause_lock = threading.Lock()
         self._paused_until = 0.0
         self._count_lock = threading.Lock()
@@ -103,7 +103,7 @@ class RequestGate:
         )
 
     def __repr__(self) -> str:
-        return f"RequestGate(base_url={self.base_url!r}, requests_per_second={self.config.requests_per_second})"
+        return f"RequestGate(base_url={self.base_url!r}, budget={self.budget!r})"
 
     def close(self) -> None:
         self.http.close()
@@ -170,10 +170,10 @@ class RequestGate:
         return min(max(backoff, retry_after or 0.0), self.config.max_retry_wait)
 
     def _send(self, path: str, params: dict[str, str | int], what: str) -> tuple[int, bytes]:
-        """One attempt: wait for the gate, send, read a bounded body, classify the status."""
+        """One attempt: wait for the pause and a place in the budget, send, read a bounded body, classify."""
         self._wait_for_pause()
-        with self._limiter_queue:
-            self._limiter.try_acquire("api")
+        with self._budget_queue:
+            self.budget.take()
         with self._count_lock:
             self._requests_sent += 1
         try:
@@ -242,8 +242,9 @@ class RequestGate:
 
 
 class FairLock:
-    """A lock granted in arrival order. The limiter's own lock is not fair, and a page thread
-    that keeps losing the race for a slot stalls the in-order pipeline behind it."""
+    """A lock granted in arrival order. A plain lock is not fair, and a page thread that keeps
+    losing the race for a place stalls the in-order pipeline behind it; one thread of a gate at a
+    time waits in the budget, so the others do not poll the shared store."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
@@ -260,17 +261,6 @@ class FairLock:
         with self._condition:
             self._serving += 1
             self._condition.notify_all()
-
-
-def window_rate(requests_per_second: float) -> Rate:
-    """A sliding window that never lets more than the limit into any one second.
-
-    A one-second window holds whole requests, so a fractional limit above 1 rounds down (2.5
-    allows 2 in any second); below 1 it spaces single requests (0.5: one every 2 s).
-    """
-    if requests_per_second >= 1:
-        return Rate(math.floor(requests_per_second), 1000 + _WINDOW_GUARD_MS)
-    return Rate(1, math.ceil(1000 / requests_per_second) + _WINDOW_GUARD_MS)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -37,7 +37,21 @@ _JSONL_CHUNK = 100_000
 )
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format; from --output's suffix, else csv.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the run to be ready.")
-def fetch(segment_id: str, sort: str, run_id: str | None, output: Path | None, fmt: str | None, timeout: float) -> None:
+@click.option(
+    "--budget",
+    metavar="STORE",
+    help="The account's request budget to share: 'memory', a SQLite file or postgresql://USER@HOST/DB. "
+    "Default: MATCHALL_REQUEST_BUDGET, else DAGSTER_HOME's (beside a running instance), else this command's own.",
+)
+def fetch(
+    segment_id: str,
+    sort: str,
+    run_id: str | None,
+    output: Path | None,
+    fmt: str | None,
+    timeout: float,
+    budget: str | None,
+) -> None:
     """Write every member of SEGMENT_ID, in order: columns `position` (1-based) and `contact_id`.
 
     Exits 0 only when the complete list was written; never leaves a partial file at --output.
@@ -48,7 +62,7 @@ def fetch(segment_id: str, sort: str, run_id: str | None, output: Path | None, f
     progress = Progress(sys.stderr)
     started = time.monotonic()
     try:
-        with client_from_env() as client:
+        with client_from_env(budget) as client:
             if run_id is None:
                 run_id = client.start_run(segment_id, sort=sort).run_id
                 progress.show(f"Started run {run_id} of segment {segment_id}.")

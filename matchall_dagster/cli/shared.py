@@ -10,8 +10,12 @@ from typing import IO, Any, NoReturn
 import click
 import pyarrow.csv as pa_csv
 
+from matchall_dagster.api.budget import request_budget
 from matchall_dagster.api.client import ActiveCampaignClient
+from matchall_dagster.api.config import DEFAULT_REQUESTS_PER_SECOND
 from matchall_dagster.api.errors import InvalidInputError
+from matchall_dagster.api.validation import validate_api_url
+from matchall_dagster.settings import settings
 
 # Plain CSV for every command that writes it: ids and counts need no quoting.
 CSV_OPTIONS = pa_csv.WriteOptions(quoting_style="none", quoting_header="none")
@@ -23,7 +27,9 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def client_from_env() -> ActiveCampaignClient:
+def client_from_env(budget: str | None = None) -> ActiveCampaignClient:
+    """The client of ACTIVECAMPAIGN_API_*, taking from the account's budget in `budget`, else in
+    MATCHALL_REQUEST_BUDGET, else in DAGSTER_HOME's file (beside a running instance), else its own."""
     url = os.environ.get("ACTIVECAMPAIGN_API_URL", "")
     key = os.environ.get("ACTIVECAMPAIGN_API_KEY", "")
     missing = [name for name, value in (("ACTIVECAMPAIGN_API_URL", url), ("ACTIVECAMPAIGN_API_KEY", key)) if not value]
@@ -33,7 +39,10 @@ def client_from_env() -> ActiveCampaignClient:
             f"ACTIVECAMPAIGN_API_URL and ACTIVECAMPAIGN_API_KEY to the account's API URL and key "
             f"(ActiveCampaign: Settings > Developer), or to a simulator's (`matchall simulator` prints both)."
         )
-    return ActiveCampaignClient(url, key)
+    store = budget or settings().budget_store()
+    return ActiveCampaignClient(
+        url, key, budget=request_budget(store, validate_api_url(url), DEFAULT_REQUESTS_PER_SECOND)
+    )
 
 
 def instance_or_none() -> Any:

@@ -172,6 +172,7 @@ def segment_matches(
                 context.log.info(f"Reading the existing match-all run {run_id} of {segment} (sort {sort}).")
             matches = _read_when_ready(context, client, run_id, sort, config)
             requests = client.requests_sent  # this materialization's client: its start, polls and pages
+            waited = client.budget.waited_seconds
         except (RunFailedError, RunExpiredError) as exc:
             # The checks after this step are skipped; record the verdict on the partition here.
             context.log_event(
@@ -190,7 +191,8 @@ def segment_matches(
 
     context.log.info(
         f"Read {matches.total:,} members of {segment} in {matches.pages_read} page(s), "
-        f"{requests} request(s), {matches.elapsed_seconds:.1f} s."
+        f"{requests} request(s), {matches.elapsed_seconds:.1f} s ({waited:.1f} s of it waiting for places in the "
+        f"account's request budget, {client.budget.store})."
     )
     run = matches.run
     assert run.page is not None
@@ -204,6 +206,8 @@ def segment_matches(
             PAGE_TOTAL: run.page.total,
             "pages_read": matches.pages_read,
             "requests": requests,
+            "budget_wait_seconds": round(waited, 3),
+            "request_budget": str(client.budget.store),
             "restarts": matches.restarts,
             "elapsed_seconds": round(matches.elapsed_seconds, 3),
             "preview": _preview(matches),

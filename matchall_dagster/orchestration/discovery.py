@@ -1,6 +1,6 @@
 """The discovery sensor: lists the account's segments and turns changes into partitions and runs.
 
-One listing a tick (one request per 10,000 segments, through the sensors' share of the limit); the
+One listing a tick (one request per 10,000 segments, due first in the account's request budget); the
 decisions (new, missing, deleted, listed again; when the catalog is refreshed) are
 `lifecycle.discovery`'s. The sensor wires the instance, the cursor and the results.
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from matchall_dagster.api.budget import Priority
 from matchall_dagster.api.errors import ActiveCampaignError
 from matchall_dagster.api.models import Segment
 from matchall_dagster.lifecycle.discovery import DiscoveryCursor, Reconciliation, catalog_due, fingerprints, reconcile
 from matchall_dagster.lifecycle.policy import SENSOR_REQUEST_TIMEOUT
-from matchall_dagster.orchestration import share
 from matchall_dagster.orchestration.catalog import LIST_PAGE_SIZE, activecampaign_segments_job, names_of, read_catalog
 from matchall_dagster.orchestration.deletions import (
     MISSING_TWICE,
@@ -39,12 +39,9 @@ clock: Callable[[], float] = time.time
 
 
 def _listing(activecampaign: ActiveCampaignResource) -> list[Segment]:
-    with (
-        activecampaign.get_client(
-            requests_per_second=share.requests_per_second(), max_retries=1, request_timeout=SENSOR_REQUEST_TIMEOUT
-        ) as client,
-        share.share_gate.turn(),
-    ):
+    with activecampaign.get_client(
+        priority=Priority.DUE, max_retries=1, request_timeout=SENSOR_REQUEST_TIMEOUT
+    ) as client:
         return client.list_segments(page_size=LIST_PAGE_SIZE)  # 10,000 segments a request
 
 

@@ -13,14 +13,18 @@ kick-off that was interrupted and is re-executed starts only the segments that h
 record of that kick-off yet.
 """
 
-import time
 from collections.abc import Iterable
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from matchall_dagster.api.errors import ActiveCampaignError, AuthenticationError, SegmentNotFoundError
+from matchall_dagster.api.errors import (
+    ActiveCampaignError,
+    AuthenticationError,
+    BudgetStoreError,
+    SegmentNotFoundError,
+)
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_sort
 from matchall_dagster.lifecycle.record import PENDING, key
 from matchall_dagster.orchestration.catalog import names_of, read_catalog
@@ -46,7 +50,6 @@ __all__ = [
 
 KICKOFF = key("kickoff")  # the metadata key of the kick-off's id in a pending-run record
 RESUME_PAGE = 2_000
-PACE_MARGIN = 0.1
 PROGRESS_EVERY = 1_000  # segments between progress lines (each run has its observation anyway)
 
 
@@ -80,27 +83,6 @@ def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
         cursor = page.cursor
         if not page.has_more:
             return started
-
-
-class _Pace:
-    """Spaces the starts evenly, PACE_MARGIN wider than the rate.
-
-    The client's limiter admits bursts (its whole share at once, then a pause) with a 15 ms guard
-    per second; measured at the server under load, arrivals jitter by more than that, and the
-    simulator saw 5 requests in one second from the 4/s kick-off. Evenly spaced, requests four
-    apart are 1.1 s apart: the share holds against 100 ms of jitter, at 9 % of the kick-off's speed.
-    """
-
-    def __init__(self, requests_per_second: float) -> None:
-        self.interval = (1.0 + PACE_MARGIN) / requests_per_second
-        self._next = 0.0
-
-    def wait(self) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            time.sleep(self._next - now)
-            now = time.monotonic()
-        self._next = now + self.interval
 
 
 def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
@@ -170,17 +152,15 @@ def start_match_all_runs(
         context.log.info(f"Resuming kick-off {kickoff}: {len(done)} segment(s) already started, {len(todo)} to start.")
     failures: dict[str, str] = {}
     started = 0
-    with activecampaign.get_client() as client:
-        pace = _Pace(client.requests_per_second)
+    with activecampaign.get_client() as client:  # each start takes its place in the account's budget
         for segment_id in todo:
-            pace.wait()
             try:
                 run = client.start_run(segment_id, sort=sort)
             except SegmentNotFoundError as exc:
                 context.log.warning(f"Skipped {labelled(segment_id, names.get(segment_id))}: {exc}")
                 _mark_deleted(context, segment_id, names.get(segment_id))
                 continue
-            except AuthenticationError as exc:  # the same for every segment: stop at once
+            except (AuthenticationError, BudgetStoreError) as exc:  # the same for every segment: stop at once
                 raise dg.Failure(description=str(exc)) from None
             except ActiveCampaignError as exc:
                 context.log.error(f"Could not start a run of segment {segment_id}: {exc}")
@@ -193,9 +173,11 @@ def start_match_all_runs(
             started += 1
             if started % PROGRESS_EVERY == 0:
                 context.log.info(f"Started {started} of {len(todo)} run(s).")
+        waited = client.budget.waited_seconds
     context.log.info(
         f"Started runs for {started} of {len(segment_ids)} segment(s)"
         + (f" ({len(segment_ids) - len(todo)} started by an earlier attempt)." if done else ".")
+        + f" {waited:.0f} s went to waiting for places in the account's request budget ({client.budget.store})."
         + " The readiness sensor polls them from its next tick and materializes each once it is ready."
     )
     if failures:

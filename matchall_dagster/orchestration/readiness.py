@@ -21,8 +21,14 @@ from dataclasses import dataclass, field, replace
 
 import dagster as dg
 
+from matchall_dagster.api.budget import Priority
 from matchall_dagster.api.client import ActiveCampaignClient
-from matchall_dagster.api.errors import ActiveCampaignError, APIUnavailableError, AuthenticationError
+from matchall_dagster.api.errors import (
+    ActiveCampaignError,
+    APIUnavailableError,
+    AuthenticationError,
+    BudgetStoreError,
+)
 from matchall_dagster.lifecycle.cursor import ReadinessCursor
 from matchall_dagster.lifecycle.policy import (
     POLL_WINDOW_SECONDS,
@@ -37,7 +43,6 @@ from matchall_dagster.lifecycle.policy import (
     backed_off,
     decide,
 )
-from matchall_dagster.orchestration import share
 from matchall_dagster.orchestration.assets import segment_matches
 from matchall_dagster.orchestration.metadata import labelled
 from matchall_dagster.orchestration.names import MATCHES_KEY, READINESS_SENSOR, RUN_NOT_EXPIRED, RUN_NOT_FAILED
@@ -71,14 +76,11 @@ class _TickSleep:
 
 
 def _polling_client(activecampaign: ActiveCampaignResource, window_ends: float) -> ActiveCampaignClient:
-    """The readiness sensor's client: its share of the limit, no retries, waits bounded by the tick."""
-    return ActiveCampaignClient(
-        activecampaign.api_url,
-        activecampaign.api_key,
-        timeout=SENSOR_REQUEST_TIMEOUT,
+    """The readiness sensor's client: due first in the account's budget, no retries, waits bounded by the tick."""
+    return activecampaign.build_client(
+        priority=Priority.DUE,
+        request_timeout=SENSOR_REQUEST_TIMEOUT,
         max_retries=SENSOR_MAX_RETRIES,
-        requests_per_second=share.requests_per_second(),
-        page_size=activecampaign.page_size,
         max_concurrent_requests=1,
         sleep=_TickSleep(window_ends),
     )
@@ -153,8 +155,7 @@ class Poller:
             return Outcome(item, stop="time budget spent")
         before = self.client.requests_sent
         try:
-            with share.share_gate.turn():
-                status = self.client.poll_run(run.segment_id, run.run_id, sort=run.sort)
+            status = self.client.poll_run(run.segment_id, run.run_id, sort=run.sort)
         except _OutOfTimeError:
             return Outcome(
                 item, spent=self.client.requests_sent - before, stop="the API asked to wait past the tick's window"
@@ -162,6 +163,9 @@ class Poller:
         except AuthenticationError as exc:
             self.log.error(f"Stopped polling: {exc}")
             return Outcome(item, spent=self.client.requests_sent - before, stop="the API refused the token")
+        except BudgetStoreError as exc:
+            self.log.error(f"Stopped polling: {exc}")
+            return Outcome(item, spent=self.client.requests_sent - before, stop="the request budget's store failed")
         except ActiveCampaignError as exc:
             # One bad segment never stops the others: note it, poll it later (backing off).
             self.log.warning(f"Polling run {run.run_id} of segment {run.segment_id} failed: {exc}")
@@ -222,8 +226,7 @@ class Poller:
     def _restart(self, run: PendingRun) -> dg.AssetObservation | None:
         """Start a fresh run of a failed one's segment; its record brings it back to the sensor."""
         try:
-            with share.share_gate.turn():
-                fresh = self.client.start_run(run.segment_id, sort=run.sort)
+            fresh = self.client.start_run(run.segment_id, sort=run.sort)
         except ActiveCampaignError as exc:
             self.log.warning(f"Could not start a fresh run of segment {run.segment_id}: {exc}")
             return None

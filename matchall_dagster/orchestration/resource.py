@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import dagster as dg
 from pydantic import Field
 
+from matchall_dagster.api.budget import Priority, RequestBudget, request_budget
 from matchall_dagster.api.client import ActiveCampaignClient
 from matchall_dagster.api.config import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -23,6 +25,7 @@ from matchall_dagster.api.config import (
     RetryBackoff,
     Timeout,
 )
+from matchall_dagster.settings import settings
 
 __all__ = ["ActiveCampaignResource"]
 
@@ -47,18 +50,32 @@ class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
     requests_per_second: RequestsPerSecond = DEFAULT_REQUESTS_PER_SECOND
     page_size: PageSize = DEFAULT_PAGE_SIZE
     max_concurrent_requests: MaxConcurrentRequests = DEFAULT_MAX_CONCURRENT_REQUESTS
+    request_budget: str | None = Field(
+        default=None,
+        description="Where the account's request budget lives (`memory`, a SQLite file, `postgresql://...`); "
+        "every process of the deployment must name the same one. Default: MATCHALL_REQUEST_BUDGET, else a "
+        "file in DAGSTER_HOME.",
+    )
+
+    def budget(self, priority: Priority = Priority.BULK) -> RequestBudget:
+        """The account's request budget at `priority` (sensors: `DUE`; runs: `BULK`)."""
+        return request_budget(
+            self.request_budget or settings().budget_store(), self.api_url, self.requests_per_second, priority
+        )
 
     def build_client(
         self,
         *,
-        requests_per_second: float | None = None,
+        priority: Priority = Priority.BULK,
         max_retries: int | None = None,
         request_timeout: float | None = None,
+        max_concurrent_requests: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> ActiveCampaignClient:
-        """A new client; close it when done (or use `get_client`).
+        """A new client taking from the account's budget; close it when done (or use `get_client`).
 
-        The overrides are for callers with other needs than runs: the sensors hold another share
-        of the account's limit, and must give up sooner to stay within a tick.
+        The overrides are for the sensors: their requests are due first, and they give up sooner
+        to stay within a tick.
         """
         return ActiveCampaignClient(
             self.api_url,
@@ -66,22 +83,22 @@ class ActiveCampaignResource(dg.ConfigurableResource["ActiveCampaignResource"]):
             timeout=request_timeout or self.request_timeout,
             max_retries=self.max_retries if max_retries is None else max_retries,
             retry_backoff=self.retry_backoff,
-            requests_per_second=requests_per_second or self.requests_per_second,
+            requests_per_second=self.requests_per_second,
             page_size=self.page_size,
-            max_concurrent_requests=self.max_concurrent_requests,
+            max_concurrent_requests=max_concurrent_requests or self.max_concurrent_requests,
+            budget=self.budget(priority),
+            sleep=sleep,
         )
 
     @contextmanager
     def get_client(
         self,
         *,
-        requests_per_second: float | None = None,
+        priority: Priority = Priority.BULK,
         max_retries: int | None = None,
         request_timeout: float | None = None,
     ) -> Iterator[ActiveCampaignClient]:
-        client = self.build_client(
-            requests_per_second=requests_per_second, max_retries=max_retries, request_timeout=request_timeout
-        )
+        client = self.build_client(priority=priority, max_retries=max_retries, request_timeout=request_timeout)
         try:
             yield client
         finally:

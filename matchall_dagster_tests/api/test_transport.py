@@ -20,7 +20,8 @@ from matchall_dagster import (
     InvalidResponseError,
     UnexpectedResponseError,
 )
-from matchall_dagster.api.transport import FairLock, RequestGate, retry_after_seconds, window_rate
+from matchall_dagster.api.budget import window_rate
+from matchall_dagster.api.transport import FairLock, RequestGate, retry_after_seconds
 from matchall_dagster.simulator import SimulatorServer
 from matchall_dagster_tests.conftest import SleepRecorder
 

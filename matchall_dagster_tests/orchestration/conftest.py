@@ -1,4 +1,4 @@
-"""Fixtures of the sensor tests: the sensors' clock and their share of the rate."""
+"""Fixtures of the sensor tests: the sensors' clock."""
 
 from __future__ import annotations
 
@@ -14,10 +14,3 @@ def sensor_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     monkeypatch.setattr("matchall_dagster.orchestration.readiness.clock", clock)
     monkeypatch.setattr("matchall_dagster.orchestration.discovery.clock", clock)
     return clock
-
-
-@pytest.fixture
-def fast_gate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sensors' share of the rate, unbounded: these simulators have no limit, and each discovery
-    tick would otherwise wait a second at the gate (the tick's request budget is unchanged)."""
-    monkeypatch.setattr("matchall_dagster.orchestration.share.SENSOR_REQUESTS_PER_SECOND", 1000.0)

@@ -61,7 +61,7 @@ def drop_segments(server: SimulatorServer, *segment_ids: str) -> list[SimSegment
     return gone
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_discovery_adds_segments_by_their_segment_id_and_starts_their_runs(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
@@ -90,7 +90,7 @@ def test_discovery_honours_the_allow_list(
     assert list(request.partition_keys) == ["1", "10001"]
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_discovery_skips_when_the_api_refuses_and_keeps_its_cursor(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,7 +106,7 @@ def test_discovery_skips_when_the_api_refuses_and_keeps_its_cursor(
     assert not data.dynamic_partitions_requests
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_a_segment_missing_from_two_listings_in_a_row_is_marked_deleted_and_its_rows_kept(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, duckdb_file: Path
 ) -> None:
@@ -137,7 +137,7 @@ def test_a_segment_missing_from_two_listings_in_a_row_is_marked_deleted_and_its_
     assert not third.run_requests
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_a_segment_missing_once_is_not_marked(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
@@ -152,7 +152,7 @@ def test_a_segment_missing_once_is_not_marked(
     assert instance.get_dynamic_partitions("deleted_segments") == []
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_a_deleted_segment_listed_again_comes_back(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
@@ -175,7 +175,7 @@ def test_a_deleted_segment_listed_again_comes_back(
     assert kickoffs_of(data) == []  # the next (daily) kick-off starts it with the others
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_a_partition_outside_the_allow_list_is_never_marked(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,7 +187,7 @@ def test_a_partition_outside_the_allow_list_is_never_marked(
     assert instance.get_dynamic_partitions("deleted_segments") == ["1"]
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_two_listings_answering_404_mark_every_partition_deleted_and_keep_them(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer
 ) -> None:
@@ -202,7 +202,7 @@ def test_two_listings_answering_404_mark_every_partition_deleted_and_keep_them(
     assert sorted(instance.get_dynamic_partitions("segments")) == tracked  # marking never loses data
 
 
-@pytest.mark.usefixtures("fast_gate")
+@pytest.mark.usefixtures("fast_budget")
 def test_the_catalog_is_refreshed_when_names_change_and_for_sizes_at_most_hourly(
     instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, sensor_clock: Clock
 ) -> None:

@@ -268,6 +268,7 @@ def test_a_long_retry_after_ends_the_tick_instead_of_waiting(
     assert "wait past the tick" in data.skip_message
 
 
+@pytest.mark.usefixtures("fast_budget")
 def test_a_tick_sends_at_most_its_budget_oldest_due_first(
     instance: dg.DagsterInstance,
     serve_simulator: ServeSimulator,
@@ -282,7 +283,6 @@ def test_a_tick_sends_at_most_its_budget_oldest_due_first(
     server = serve_simulator(many)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
-    monkeypatch.setattr("matchall_dagster.orchestration.share.SENSOR_REQUESTS_PER_SECOND", 1000.0)  # budget unchanged
     defs = build_definitions(duckdb_database=str(duckdb_file))
     record_pending(instance, server, *[segment.id for segment in many.segments])
     server.simulator.reset_stats()
@@ -337,6 +337,7 @@ class _Killed(BaseException):
     """Stands for the evaluation being killed (time-out, crash): nothing after it runs."""
 
 
+@pytest.mark.usefixtures("fast_budget")
 def test_killed_ticks_forget_no_run_and_materialize_none_twice(
     instance: dg.DagsterInstance,
     defs: dg.Definitions,
@@ -345,7 +346,6 @@ def test_killed_ticks_forget_no_run_and_materialize_none_twice(
     sensor_clock: Clock,
 ) -> None:
     """Ticks are killed at random points; as in the daemon, a killed tick's cursor is not saved."""
-    monkeypatch.setattr("matchall_dagster.orchestration.share.SENSOR_REQUESTS_PER_SECOND", 1000.0)
     segments = ["1", "9999", "10000", "10001", "25001", UUID_SEGMENT, "100", "77"]
     record_pending(instance, server, *segments)
     rng = random.Random(5)
