@@ -22,6 +22,15 @@ DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
 SETTINGS_BLOCK = re.compile(r"(<!-- settings-table -->\n).*?(<!-- /settings-table -->)", re.S)
 RESULT_TITLES = {
+    "budget-mixed-10min.md": "The request budget: 10 minutes of mixed load in SQLite "
+    "(`python -m benchmarks.mixed_load`)",
+    "budget-mixed-5min-postgres.md": "The request budget: 5 minutes of mixed load in PostgreSQL "
+    "(`python -m benchmarks.mixed_load --minutes 5 --budget postgres`)",
+    "budget-day-10k.md": "The request budget: the simulated day at 10,000 segments "
+    "(`python -m benchmarks.sensor_scale`)",
+    "budget-1m-400ms.md": "The request budget: 1,000,000 members at 400 ms with the budget in memory, SQLite and "
+    "PostgreSQL, side by side",
+    "budget-cost.md": "The request budget: the cost of the shared store (`python -m benchmarks.budget_cost`)",
     "latest.md": "The latest full matrix (`./scripts/bench.sh`)",
     "restructured-1m-400ms.md": "1,000,000 members at 400 ms after the restructuring (issue 12), side by side",
     "quiet-1m-400ms.md": "1,000,000 members at 400 ms on a quiet machine, side by side (before it)",

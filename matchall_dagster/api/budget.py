@@ -41,7 +41,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import filelock
-from pyrate_limiter import Rate, RateItem, SQLiteBucket
+from pyrate_limiter import PostgresBucket, Rate, RateItem, SQLiteBucket
 from pyrate_limiter.abstracts import AbstractBucket
 
 from matchall_dagster.api.errors import BudgetStoreError, InvalidInputError
@@ -59,15 +59,12 @@ __all__ = [
 
 MEMORY = "memory"
 # Requests leave a process a few milliseconds after their place is stamped (thread hand-off, sleep
-# overshoot, the store's round trips); what the server sees is the difference of two such lags.
-# Widening each window by this much keeps the server's count within the limit. PostgreSQL stamps
-# with the server's clock several round trips before the request leaves: up to 24 ms were measured
-# under load (api/test_budget.py), hence its wider guard.
+# overshoot, the store's commit); what the server sees is the difference of two such lags.
+# Widening each window by this much keeps the server's count within the limit.
 WINDOW_GUARD_MS = 15
-POSTGRES_WINDOW_GUARD_MS = 40
 # How long the store may take to answer before a step fails (connecting, or waiting for the lock).
 STORE_TIMEOUT_SECONDS = 10.0
-LEAK_EVERY_MS = 10_000  # places older than every window are deleted this often, by whoever takes one
+LEAK_EVERY_SECONDS = 10.0  # places older than every window are deleted this often, by whoever takes one
 
 
 class Priority(enum.Enum):
@@ -157,37 +154,71 @@ class _Window:
 
     def __init__(self, store: BudgetStore, table: str, requests_per_second: float) -> None:
         self.store = store
-        guard = POSTGRES_WINDOW_GUARD_MS if store.kind == "postgresql" else WINDOW_GUARD_MS
-        self.rate = window_rate(requests_per_second, guard)
+        self.rate = window_rate(requests_per_second)
         self.lock = threading.Lock()
         self.bucket = _open(store, table, self.rate)
         # SQLite's cross-process file lock (re-entrant), held from the clock to the insert, so that a
         # place is stamped when it is taken, not before a wait for the lock. PostgreSQL's bucket
-        # locks its table inside `put` and stamps with the server's clock.
+        # takes the table's lock and stamps inside one transaction (`_ServerStampedBucket`).
         self._store_lock: AbstractContextManager[object] = getattr(self.bucket, "lock", None) or nullcontext()
-        self._leaked_at = 0
+        self._leaked_at = -math.inf
 
     def try_take(self) -> int:
         """0 when a place was taken, else the milliseconds until one frees up (at least 1)."""
         with self.lock, _store_errors(self.store), self._store_lock:
-            now = self._now()
-            if now - self._leaked_at > LEAK_EVERY_MS:  # inline, not a thread per window
-                self.bucket.leak(now)
-                self._leaked_at = now
-                now = self._now()
-            item = RateItem("request", now)
+            if time.monotonic() - self._leaked_at > LEAK_EVERY_SECONDS:  # inline, not a thread per window
+                self.bucket.leak(self._now())
+                self._leaked_at = time.monotonic()
+            if isinstance(self.bucket, _ServerStampedBucket):
+                return self.bucket.take_or_wait()
+            item = RateItem("request", self._now())
             if self.bucket.put(item):
                 return 0
             wait = self.bucket.waiting(item)
         assert isinstance(wait, int)
-        # Never 0 for a refused place: PostgreSQL refuses without a wait when another process holds
-        # the table's lock, and 0 would read as taken.
-        return max(wait, 1)
+        return max(wait, 1)  # never 0 for a refused place: 0 would read as taken
 
     def _now(self) -> int:
         now = self.bucket.now()  # type: ignore[no-untyped-call]
         assert isinstance(now, int)
         return now
+
+
+class _ServerStampedBucket(PostgresBucket):
+    """pyrate-limiter's PostgreSQL bucket (its table, clean-up and clock), taking a place under the
+    table's lock and stamping it with the server's clock as it is inserted.
+
+    The stock `put` stamps the place before it takes the lock, and is refused without a wait when
+    another process holds it; under load its stamps were up to 16 ms early, enough for a sixth
+    request in one second at the server (benchmarks/mixed_load.py, api/test_budget.py).
+    """
+
+    def take_or_wait(self) -> int:
+        """0 when a place was taken, else the milliseconds until one frees up (at least 1)."""
+        from psycopg import errors, sql
+
+        rate = self.rates[0]
+        table = sql.Identifier(self._full_tbl)
+        window = {"interval": rate.interval / 1000, "limit": rate.limit}
+        with self._get_conn() as conn:
+            try:
+                conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE NOWAIT").format(table))
+            except errors.LockNotAvailable:
+                return 1  # another process is taking a place this very moment
+            row = conn.execute(sql.SQL(_COUNT).format(table=table), window).fetchone()
+            if row is not None and row[0] < rate.limit:
+                conn.execute(sql.SQL(_INSERT).format(table=table))
+                return 0
+            row = conn.execute(sql.SQL(_WAIT).format(table=table), {**window, "offset": rate.limit - 1}).fetchone()
+        return max(int(row[0]) + 1, 1) if row is not None and row[0] is not None else 1
+
+
+_COUNT = "SELECT count(*) FROM {table} WHERE item_timestamp >= clock_timestamp() - make_interval(secs => %(interval)s)"
+_INSERT = "INSERT INTO {table} (name, weight, item_timestamp) VALUES ('request', 1, clock_timestamp())"
+# When the place `limit` from the newest leaves the window, in milliseconds from now.
+_WAIT = """
+SELECT ceil(extract(epoch FROM item_timestamp + make_interval(secs => %(interval)s) - clock_timestamp()) * 1000)
+FROM {table} ORDER BY item_timestamp DESC OFFSET %(offset)s LIMIT 1"""
 
 
 def _open(store: BudgetStore, table: str, rate: Rate) -> AbstractBucket:
@@ -207,7 +238,6 @@ def _open(store: BudgetStore, table: str, rate: Rate) -> AbstractBucket:
 
 def _postgres_bucket(store: BudgetStore, table: str, rate: Rate) -> AbstractBucket:
     from psycopg_pool import ConnectionPool
-    from pyrate_limiter import PostgresBucket
 
     pool = ConnectionPool(
         store.location,
@@ -215,13 +245,21 @@ def _postgres_bucket(store: BudgetStore, table: str, rate: Rate) -> AbstractBuck
         max_size=4,
         timeout=STORE_TIMEOUT_SECONDS,
         check=ConnectionPool.check_connection,  # a server restarted since: reconnect, do not fail
-        kwargs={"connect_timeout": int(STORE_TIMEOUT_SECONDS), "application_name": "matchall-budget"},
+        kwargs={
+            "connect_timeout": int(STORE_TIMEOUT_SECONDS),
+            "application_name": "matchall-budget",
+            # A session that stalls holding the table's lock (a stopped process) is ended by the
+            # server, and a statement waiting for the lock (the clean-up's DELETE) fails, not hangs.
+            # Every session reads the table's stamps (timestamp without time zone) in one zone.
+            "options": f"-c lock_timeout={int(STORE_TIMEOUT_SECONDS * 1000)} "
+            f"-c idle_in_transaction_session_timeout={int(STORE_TIMEOUT_SECONDS * 1000)} -c TimeZone=UTC",
+        },
         open=False,
         name="matchall-budget",
     )
     try:
         pool.open(wait=True, timeout=STORE_TIMEOUT_SECONDS)
-        return PostgresBucket(pool, table, [rate])
+        return _ServerStampedBucket(pool, table, [rate])
     except BaseException:
         pool.close()
         raise
