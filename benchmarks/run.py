@@ -12,6 +12,11 @@ segment, and has every tool read that same run into a DuckDB file, each in a fre
 - `httpx loop`: a plain sequential paging loop with a sleep-based throttle;
 - `dlt`: dlt's `rest_api` source (page-number paginator) into dlt's DuckDB destination.
 
+`--budgets memory,sqlite,postgres` repeats our rows (client and Dagster) with the account's request
+budget in each store, side by side (`--postgres URL` names the server; the SQLite file is a fresh one
+in the row's folder); without it, each tool's own default (the client: its memory; the Dagster
+path: the project's file in DAGSTER_HOME).
+
 Per row: wall seconds of the work (after the process started and imported its libraries; the
 Dagster row includes launching the step subprocess), the floor (`pages / 5 requests/s`) and the
 ratio, CPU seconds of the whole process tree per million ids (interpreter start and imports
@@ -54,6 +59,10 @@ PAGE_SIZE = 10_000
 SIZES = (100_000, 1_000_000, 10_000_000)
 LATENCIES = (0, 400)
 TOOLS = ("ours", "whole", "multiproc", "loop", "dlt")
+# Where our rows keep the account's request budget: "default" is each tool's own (see the docstring).
+BUDGETS = ("default", "memory", "sqlite", "postgres")
+BUDGETED = ("ours", "whole", "multiproc", "whole x2")  # the peers have throttles of their own
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 LABELS = {
     "ours": "ours (client)",
     "whole": "ours (Dagster)",
@@ -225,6 +234,11 @@ class Row:
     ids: int
     ok: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    budget: str = "default"
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.tool] + ("" if self.budget == "default" else f" [{self.budget}]")
 
     @property
     def pages(self) -> int:
@@ -241,6 +255,7 @@ class Row:
             "latency_ms": self.latency_ms,
             "limit": self.limit,
             "tool": self.tool,
+            "budget": self.budget,
             "wall_s": round(self.wall_s, 3),
             "floor_s": floor,
             "wall_over_floor": round(self.wall_s / floor, 3) if floor else None,
@@ -255,11 +270,23 @@ class Row:
 
 
 class Bench:
-    def __init__(self, sims: dict[bool, Sim], workdir: Path, truth: dict[str, list[int]]) -> None:
+    def __init__(
+        self, sims: dict[bool, Sim], workdir: Path, truth: dict[str, list[int]], postgres: str = LOCAL_POSTGRES
+    ) -> None:
         self.sims = sims
         self.workdir = workdir
         self.truth = truth
+        self.postgres = postgres
         self.rows: list[Row] = []
+
+    def store(self, budget: str, folder: Path) -> str | None:
+        """The request budget's store of a row (None: the tool's own default)."""
+        return {
+            "default": None,
+            "memory": "memory",
+            "sqlite": str(folder / "budget.sqlite"),
+            "postgres": self.postgres,
+        }[budget]
 
     def _env(self, sim: Sim, home: Path, db: Path, tool: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -274,21 +301,22 @@ class Bench:
         )
         return env
 
-    def measure(self, scenario: Scenario, tool: str) -> Row:
+    def measure(self, scenario: Scenario, tool: str, budget: str = "default") -> Row:
         sim = self.sims[scenario.limit]
         copies = 2 if tool == "whole x2" else 1
         segments = [segment_id(scenario.size, copy) for copy in range(copies)]
         run_ids = [sim.ready_run(segment) for segment in segments]
-        folder = Path(tempfile.mkdtemp(prefix=f"{tool.replace(' ', '')}-{scenario.size}-", dir=self.workdir))
+        folder = Path(tempfile.mkdtemp(prefix=f"{tool.replace(' ', '')}-{budget}-{scenario.size}-", dir=self.workdir))
         home = folder / "dagster_home"
         home.mkdir()
         instance_yaml = _PARALLEL_INSTANCE_YAML if copies > 1 else (ROOT / "dagster.yaml").read_text()
         (home / "dagster.yaml").write_text(instance_yaml)
         db = folder / "bench.duckdb"
         env = self._env(sim, home, db, tool)
+        store = self.store(budget, folder)
         commands = []
         for segment, run_id in zip(segments, run_ids, strict=True):
-            arguments = ["--segment", segment, "--run-id", run_id]
+            arguments = ["--segment", segment, "--run-id", run_id, *(["--budget", store] if store else [])]
             if tool.startswith("whole") or tool == "multiproc":
                 commands.append([sys.executable, "-m", "benchmarks.whole_path", *arguments])
             else:
@@ -330,6 +358,7 @@ class Bench:
         )
         wall = max(float(result.get("work_wall_s", process_wall)) for result in results)
         detail: dict[str, Any] = {
+            "budget_store": sorted({str(r.get("budget", r.get("request_budget", ""))) for r in results}),
             "process_wall_s": round(process_wall, 3),
             "server_requests": stats["requests"],
             "server_429": stats["by_status"].get("429", stats["by_status"].get(429, 0)),
@@ -358,6 +387,7 @@ class Bench:
             ids=ids,
             ok=ok,
             detail=detail,
+            budget=budget,
         )
         self.rows.append(row)
         return row
@@ -415,7 +445,9 @@ def _ratio(value: float | None) -> str:
 def table_rows(rows: Sequence[Row]) -> list[tuple[str, ...]]:
     """One line per row; a peer's last column is its wall over ours (client / Dagster)."""
     lines: list[tuple[str, ...]] = []
-    by_key = {(row.size, row.latency_ms, row.limit, row.tool): row for row in rows}
+    by_key: dict[tuple[int, int, bool, str], Row] = {}
+    for row in rows:  # a peer is compared with our first row of the scenario (the first budget)
+        by_key.setdefault((row.size, row.latency_ms, row.limit, row.tool), row)
     for row in rows:
         floor = row.floor_s
         versus = ""
@@ -433,7 +465,7 @@ def table_rows(rows: Sequence[Row]) -> list[tuple[str, ...]]:
                 f"{row.size:,}",
                 f"{row.latency_ms} ms",
                 "5/s" if row.limit else "none",
-                LABELS[row.tool],
+                row.label,
                 f"{row.wall_s:.2f}",
                 f"{floor:.1f}" if floor else "-",
                 _ratio(row.wall_s / floor if floor else None),
@@ -488,12 +520,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latencies", type=_ints, default=list(LATENCIES), help="ms (default: %(default)s)")
     parser.add_argument("--tools", default=",".join(TOOLS), help="of ours,whole,multiproc,loop,dlt (default: all)")
     parser.add_argument("--no-parallel", action="store_true", help="skip the two parallel Dagster runs")
+    parser.add_argument(
+        "--budgets", default="default", help="our rows' request budget stores, of default,memory,sqlite,postgres"
+    )
+    parser.add_argument("--postgres", default=LOCAL_POSTGRES, help="the postgres budget's server (%(default)s)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     args = parser.parse_args(argv)
     tools = [tool for tool in args.tools.split(",") if tool]
     unknown = set(tools) - set(TOOLS)
     if unknown:
         parser.error(f"unknown tools {sorted(unknown)}; choose from {','.join(TOOLS)}")
+    budgets = [budget for budget in args.budgets.split(",") if budget]
+    if not budgets or set(budgets) - set(BUDGETS):
+        parser.error(f"--budgets takes {','.join(BUDGETS)}, not {args.budgets!r}")
     parallel = not args.no_parallel
     scenarios = plan(args.sizes, args.latencies, tools, parallel)
     info = machine()
@@ -503,15 +542,19 @@ def main(argv: list[str] | None = None) -> None:
     account = build_account(args.sizes, 2 if parallel else 1)
     truth = {segment.id: account.ordered(segment.id, "id")[:3].tolist() for segment in account.segments}
     with tempfile.TemporaryDirectory(prefix="matchall-bench-") as workdir, simulators(args.sizes, parallel) as sims:
-        bench = Bench(sims, Path(workdir), truth)
+        bench = Bench(sims, Path(workdir), truth, args.postgres)
         for scenario in scenarios:
             for sim in sims.values():
                 sim.set_latency(scenario.latency_ms)
             for tool in scenario.tools:
-                label = f"{scenario.size:,} ids, {scenario.latency_ms} ms, {'5/s' if scenario.limit else 'no limit'}"
-                print(f"- {LABELS[tool]}: {label} ...", end=" ", flush=True)
-                row = bench.measure(scenario, tool)
-                print(f"{row.wall_s:.2f} s, {row.cpu_s:.2f} CPU s, {row.peak_rss_mb:.0f} MB", flush=True)
+                for budget in budgets if tool in BUDGETED else ["default"]:
+                    label = (
+                        f"{scenario.size:,} ids, {scenario.latency_ms} ms, {'5/s' if scenario.limit else 'no limit'}"
+                    )
+                    shown = LABELS[tool] + ("" if budget == "default" else f" [{budget}]")
+                    print(f"- {shown}: {label} ...", end=" ", flush=True)
+                    row = bench.measure(scenario, tool, budget)
+                    print(f"{row.wall_s:.2f} s, {row.cpu_s:.2f} CPU s, {row.peak_rss_mb:.0f} MB", flush=True)
     after = load()
     rows = [row.as_dict() for row in bench.rows]
     report = {"machine": info, "load_before": before, "load_after": after, "rows": rows}

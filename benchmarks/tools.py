@@ -1,12 +1,13 @@
 """One benchmarked tool reading one ready run into a DuckDB file, in a process of its own.
 
-`python -m benchmarks.tools TOOL --url URL --segment ID --run-id RUN --rps 5 --db FILE` prints one
-JSON line: ids read, the work's wall and CPU seconds (after imports), the part of it spent
-fetching (ours), requests and 429s seen. Every tool ends with the same table in DuckDB,
+`python -m benchmarks.tools TOOL --url URL --segment ID --run-id RUN --rps 5 --db FILE [--budget STORE]`
+prints one JSON line: ids read, the work's wall and CPU seconds (after imports), the part of it
+spent fetching (ours), requests and 429s seen. Every tool ends with the same table in DuckDB,
 `segment_matches(position bigint, contact_id bigint)`, so that they do the same work:
 
-- `ours`: `ActiveCampaignClient.fetch_matches` (concurrent pages, sliding-window limit), then
-  the numpy array into DuckDB through Arrow.
+- `ours`: `ActiveCampaignClient.fetch_matches` (concurrent pages, one place in the account's
+  request budget per request: `--budget` `memory` (the default, the client's own), a SQLite file
+  or `postgresql://...`), then the numpy array into DuckDB through Arrow.
 - `loop`: what a user writes by hand: plain httpx, one page after the other, a sleep that keeps
   requests 1/rps apart, ids appended to a Python list, a DataFrame into DuckDB.
 - `dlt`: dlt's `rest_api` source with its page-number paginator into dlt's DuckDB destination;
@@ -56,10 +57,12 @@ def _create_table(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute("create table segment_matches (position bigint, contact_id bigint)")
 
 
-def run_ours(url: str, segment: str, run_id: str, rps: float, db: Path) -> dict[str, Any]:
+def run_ours(url: str, segment: str, run_id: str, rps: float, db: Path, budget: str) -> dict[str, Any]:
     from matchall_dagster import ActiveCampaignClient
+    from matchall_dagster.api.budget import Priority, request_budget
 
-    with ActiveCampaignClient(url, DEFAULT_TOKEN, requests_per_second=rps) as client:
+    places = request_budget(budget, url, rps, Priority.BULK)  # opens the store, in the work's time as in a run
+    with ActiveCampaignClient(url, DEFAULT_TOKEN, requests_per_second=rps, budget=places) as client:
         cpu, wall = time.process_time(), time.monotonic()
         matches = client.fetch_matches(segment, run_id, sort="id")
         fetch_cpu, fetch_wall = time.process_time() - cpu, time.monotonic() - wall
@@ -75,10 +78,13 @@ def run_ours(url: str, segment: str, run_id: str, rps: float, db: Path) -> dict[
             "fetch_cpu_s": fetch_cpu,
             "fetch_wall_s": fetch_wall,
             "first_ids": ids[:3].tolist(),
+            "budget": str(places.store),
+            "budget_wait_s": round(places.waited_seconds, 3),
         }
 
 
-def run_loop(url: str, segment: str, run_id: str, rps: float, db: Path) -> dict[str, Any]:
+def run_loop(url: str, segment: str, run_id: str, rps: float, db: Path, budget: str) -> dict[str, Any]:
+    del budget  # its own throttle: what a user writes
     import httpx
     import pandas as pd
 
@@ -111,7 +117,8 @@ def run_loop(url: str, segment: str, run_id: str, rps: float, db: Path) -> dict[
     return {"ids": len(ids), "requests": requests, "http_429": rejected, "first_ids": ids[:3]}
 
 
-def run_dlt(url: str, segment: str, run_id: str, rps: float, db: Path) -> dict[str, Any]:
+def run_dlt(url: str, segment: str, run_id: str, rps: float, db: Path, budget: str) -> dict[str, Any]:
+    del budget  # dlt has no limiter: the throttle below
     import dlt
     from dlt.sources.helpers.requests import Client
     from dlt.sources.rest_api import rest_api_source
@@ -177,7 +184,7 @@ def warm_up() -> None:
         connection.execute("select * from rows, frame").fetchall()
 
 
-TOOLS: dict[str, Callable[[str, str, str, float, Path], dict[str, Any]]] = {
+TOOLS: dict[str, Callable[[str, str, str, float, Path, str], dict[str, Any]]] = {
     "ours": run_ours,
     "loop": run_loop,
     "dlt": run_dlt,
@@ -192,11 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--rps", type=float, required=True, help="requests a second; 0 for no client limit")
     parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--budget", default="memory", help="ours: the request budget's store (default: %(default)s)")
     args = parser.parse_args(argv)
     rps = args.rps or UNLIMITED_RPS
     warm_up()
     cpu, wall = time.process_time(), time.monotonic()
-    result = TOOLS[args.tool](args.url, args.segment, args.run_id, rps, args.db)
+    result = TOOLS[args.tool](args.url, args.segment, args.run_id, rps, args.db, args.budget)
     result.update(work_cpu_s=time.process_time() - cpu, work_wall_s=time.monotonic() - wall)
     print(json.dumps(result), flush=True)
 

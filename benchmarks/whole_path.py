@@ -5,6 +5,9 @@ ACTIVECAMPAIGN_API_URL/KEY, MATCHALL_BENCH_DB and MATCHALL_BENCH_RPS in the envi
 what the readiness sensor launches: the asset and its checks for the partition, with the run id,
 through the project's definitions, executor (in-process) and IO manager;
 MATCHALL_BENCH_EXECUTOR=multiprocess runs each step in a subprocess of its own instead.
+`--budget STORE` names the account's request budget (`memory`, a SQLite file, `postgresql://...`)
+the way a deployment does, through MATCHALL_REQUEST_BUDGET (inherited by step subprocesses);
+without it, the project's default: `matchall-request-budget.sqlite` in DAGSTER_HOME.
 Only the activecampaign resource's requests_per_second differs:
 the benchmark's, since the project gives runs 4 of the account's 5 requests/s and keeps 1 for its
 sensors. Prints one JSON line.
@@ -24,12 +27,14 @@ from matchall_dagster.definitions import build_definitions
 from matchall_dagster.orchestration.assets import segment_matches
 from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.settings import settings
 
 RPS_VARIABLE = "MATCHALL_BENCH_RPS"
 DB_VARIABLE = "MATCHALL_BENCH_DB"
 # "multiprocess": each step in a subprocess of its own, to show what the project's in-process saves.
 EXECUTOR_VARIABLE = "MATCHALL_BENCH_EXECUTOR"
 JOB = "bench_segment_matches"
+BUDGET_VARIABLE = "MATCHALL_REQUEST_BUDGET"  # the project's own setting (settings.Settings.request_budget)
 
 
 def bench_definitions() -> dg.Definitions:
@@ -90,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--segment", required=True)
     parser.add_argument("--run-id", required=True)
+    parser.add_argument("--budget", help="the request budget's store (default: the project's, in DAGSTER_HOME)")
     args = parser.parse_args(argv)
+    if args.budget:
+        os.environ[BUDGET_VARIABLE] = args.budget
+        settings.cache_clear()  # read again, with the store, by this process and its step subprocesses
     cpu, wall = time.process_time(), time.monotonic()
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(str(segments_partitions.name), [args.segment])
@@ -112,7 +121,14 @@ def main(argv: list[str] | None = None) -> None:
             materialization = event.step_materialization_data.materialization
             if materialization.asset_key == segment_matches.key:
                 metadata = materialization.metadata
-                for name in ("dagster/row_count", "requests", "pages_read", "elapsed_seconds"):
+                for name in (
+                    "dagster/row_count",
+                    "requests",
+                    "pages_read",
+                    "elapsed_seconds",
+                    "request_budget",
+                    "budget_wait_seconds",
+                ):
                     if name in metadata:
                         figures[name] = metadata[name].value
         figures["steps"] = step_timeline(instance, result.run_id)

@@ -410,7 +410,7 @@ def test_queue_pools_sensors_and_telemetry_match_the_production_instance(tmp_pat
     assert (coordinator.get("config", {}).get("queuedRunCoordinator") or {}).get("maxConcurrentRuns") is None
     concurrency = values["concurrency"]
     assert concurrency["enabled"] is True
-    assert concurrency["pools"]["defaultLimit"] == production["concurrency"]["pools"]["default_limit"] == 4
+    assert concurrency["pools"]["defaultLimit"] == production["concurrency"]["pools"]["default_limit"] == 2
     assert concurrency["runs"]["maxConcurrentRuns"] == production["concurrency"]["runs"]["max_concurrent_runs"]
     assert values["dagsterDaemon"]["sensors"]["useThreads"] is production["sensors"]["use_threads"] is False
     assert values["telemetry"]["enabled"] is production["telemetry"]["enabled"] is False
@@ -460,7 +460,7 @@ def test_charts_instance_file_passes_dagsters_validation(tmp_path: Path, monkeyp
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", secrets.token_hex(16))  # {env: ...} is resolved
     config = validated_instance(chart_instance_config(load_values()), tmp_path / "home")
     assert config["run_launcher"] == {**config["run_launcher"], "module": "dagster_k8s", "class": "K8sRunLauncher"}
-    assert config["concurrency"] == {"pools": {"default_limit": 4}, "runs": {"max_concurrent_runs": 4}}
+    assert config["concurrency"] == {"pools": {"default_limit": 2}, "runs": {"max_concurrent_runs": 4}}
     assert "sensors" not in config  # the default: one evaluation at a time
     assert config["telemetry"] == {"enabled": False}
     # The classes' own config, as rehydrating the instance checks it (dagster-k8s: -m slow).

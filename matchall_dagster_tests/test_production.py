@@ -67,7 +67,7 @@ def validated(path: Path, home: Path) -> dict[str, Any]:
 def test_instance_file_passes_dagsters_validation(name: str, tmp_path: Path) -> None:
     config = validated(INSTANCE_FILES[name], tmp_path / "home")
     assert config["telemetry"] == {"enabled": False}
-    assert config["concurrency"]["pools"]["default_limit"] == 4
+    assert config["concurrency"]["pools"]["default_limit"] == 2
     assert config["concurrency"]["runs"]["max_concurrent_runs"] >= 1
     # No legacy queue settings beside `concurrency.runs` (a config error), no run launcher here:
     # locally the default one, on Kubernetes the Helm chart's.
@@ -87,14 +87,14 @@ def test_validation_rejects_a_broken_instance_file(tmp_path: Path) -> None:
 
 
 def test_embedded_instance_loads_from_dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The zero-configuration path: SQLite under DAGSTER_HOME, the queued coordinator, pool limit 4."""
+    """The zero-configuration path: SQLite under DAGSTER_HOME, the queued coordinator, pool limit 2."""
     home = tmp_path / "home"
     validated(ROOT_CONFIG, home)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-        assert instance.global_op_concurrency_default_limit == 4
+        assert instance.global_op_concurrency_default_limit == 2
 
 
 def _secret_like_literals(node: Any, path: str = "") -> Iterator[str]:
@@ -396,7 +396,7 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
 
         # The API pool's limit, from deploy/dagster.yaml, held: never more API steps at once.
         limit = instance.event_log_storage.get_concurrency_info(API_POOL).limit
-        assert limit == 4
+        assert limit == 2
         # (The automation sensor's runs compute in DuckDB alone: no API step.)
         api_runs = [r for r in finished if r.dagster_run.tags.get("dagster/sensor_name") != CHANGES_SENSOR]
         intervals = _pool_step_intervals(instance, [r.dagster_run.run_id for r in finished])
