@@ -9,10 +9,11 @@ kept where all of them can see it:
   project keeps it in `$DAGSTER_HOME`;
 - `postgresql://user@host:port/db`: every pod of a deployment, in a table of its own.
 
-The counting is pyrate-limiter's: its `SQLiteBucket` (a file lock around count-and-insert, WAL)
-and `PostgresBucket` (`LOCK TABLE ... NOWAIT` around count-and-insert, the server's clock). The
-window is keyed by the account's API URL, so two deployments or a CLI pull on one account share
-one window, and two accounts never do.
+The storage is pyrate-limiter's: its `SQLiteBucket` (WAL, its file lock held from the clock to
+the insert) and its `PostgresBucket` (table, index, clean-up), with one method of ours that
+counts and inserts under `LOCK TABLE ... NOWAIT`, stamping the place with the server's clock
+(`_ServerStampedBucket`). The window is keyed by the account's API URL, so two deployments or a
+CLI pull on one account share one window, and two accounts never do.
 
 The priority rule, in one place (`RETRY_AFTER_SLOT_MS`): a request that is due (the sensors'
 polls and listings, which must end within a tick) tries again 1 ms after a place frees up, any
