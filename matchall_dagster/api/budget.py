@@ -193,7 +193,7 @@ class _ServerStampedBucket(PostgresBucket):
 
     The stock `put` stamps the place before it takes the lock, and is refused without a wait when
     another process holds it; under load its stamps were up to 16 ms early, enough for a sixth
-    request in one second at the server (benchmarks/mixed_load.py, api/test_budget.py).
+    request in one second at the server (benchmarks/mixed_load.py, matchall_dagster_tests/test_budget.py).
     """
 
     def take_or_wait(self) -> int:

@@ -46,7 +46,7 @@ from matchall_dagster.settings import BUDGET_FILE, settings
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, SimulatorServer
 from matchall_dagster_tests.conftest import make_account
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_STORE = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
 RATE = 5  # the account's limit, in the simulator and in every budget here
@@ -177,14 +177,14 @@ Spawn = Callable[..., Worker]
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """`spawn(*args)`: `python -m matchall_dagster_tests.api.budget_worker *args`, killed at teardown."""
+    """`spawn(*args)`: `python -m matchall_dagster_tests.budget_worker *args`, killed at teardown."""
     workers: list[Worker] = []
 
     def start(*args: str) -> Worker:
         log = tmp_path / f"worker-{len(workers)}.log"
         with log.open("w") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-m", "matchall_dagster_tests.api.budget_worker", *args],
+                [sys.executable, "-m", "matchall_dagster_tests.budget_worker", *args],
                 cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

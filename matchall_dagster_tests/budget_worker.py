@@ -1,8 +1,8 @@
 """A process of its own sharing an account's request budget, for test_budget.py.
 
-python -m matchall_dagster_tests.api.budget_worker take STORE ACCOUNT COUNT
+python -m matchall_dagster_tests.budget_worker take STORE ACCOUNT COUNT
     takes COUNT places at 5/s, then says {"taken": [time.time() of each place]}.
-python -m matchall_dagster_tests.api.budget_worker read STORE API_URL SEGMENT PAGE_SIZE
+python -m matchall_dagster_tests.budget_worker read STORE API_URL SEGMENT PAGE_SIZE
     builds its client, says "ready", waits for a line on stdin, then reads the segment, saying
     "took T" as it takes each place, "page DONE/LAST" as pages arrive and, at the end,
     {"total": members, "done": T} (T: time.monotonic(), CLOCK_MONOTONIC, the simulator's clock too).
