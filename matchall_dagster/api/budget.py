@@ -80,15 +80,15 @@ class Priority(enum.Enum):
 RETRY_AFTER_SLOT_MS = {Priority.DUE: 1, Priority.BULK: 10}
 
 
-def window_rate(requests_per_second: float, guard_ms: int = WINDOW_GUARD_MS) -> Rate:
+def window_rate(requests_per_second: float) -> Rate:
     """A sliding window that never lets more than the limit into any one second.
 
     A one-second window holds whole requests, so a fractional limit above 1 rounds down (2.5
     allows 2 in any second); below 1 it spaces single requests (0.5: one every 2 s).
     """
     if requests_per_second >= 1:
-        return Rate(math.floor(requests_per_second), 1000 + guard_ms)
-    return Rate(1, math.ceil(1000 / requests_per_second) + guard_ms)
+        return Rate(math.floor(requests_per_second), 1000 + WINDOW_GUARD_MS)
+    return Rate(1, math.ceil(1000 / requests_per_second) + WINDOW_GUARD_MS)
 
 
 @dataclass(frozen=True)
@@ -295,11 +295,9 @@ def _store_errors(store: BudgetStore) -> Iterator[None]:
 def _is_store_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error | filelock.Timeout | OSError):
         return True
-    try:
-        import psycopg
-        import psycopg_pool
-    except ImportError:  # pragma: no cover - both are dependencies
-        return False
+    import psycopg  # here, not at the top: a client without PostgreSQL never pays for the import
+    import psycopg_pool
+
     return isinstance(exc, psycopg.Error | psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed)
 
 
@@ -308,8 +306,8 @@ class RequestBudget:
 
     `take()` blocks until a place is taken; it raises `BudgetStoreError` when the store fails.
     Thread-safe. Build it with `request_budget` so that a process shares one window per account.
-    `taken` and `waited_seconds` count this object's places and the time spent waiting for them
-    (what a materialization reports), not the window's.
+    `waited_seconds` is the time this object's places were waited for (what a materialization
+    reports), not the window's.
     """
 
     def __init__(self, window: _Window, priority: Priority, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -318,7 +316,6 @@ class RequestBudget:
         self._after_slot = RETRY_AFTER_SLOT_MS[priority] / 1000
         self._sleep = sleep
         self._count_lock = threading.Lock()
-        self.taken = 0
         self.waited_seconds = 0.0
 
     @property
@@ -337,7 +334,6 @@ class RequestBudget:
         while (wait_ms := self._window.try_take()) > 0:
             self._sleep(wait_ms / 1000 + self._after_slot)
         with self._count_lock:
-            self.taken += 1
             self.waited_seconds += time.monotonic() - started
 
 

@@ -143,6 +143,20 @@ def _read_when_ready(
     )
 
 
+def _run_verdict(
+    exc: RunFailedError | RunExpiredError, segment_id: str, run_id: str, sort: str
+) -> dg.AssetCheckEvaluation:
+    """The failed verdict of run_not_failed or run_not_expired on a run the asset could not read."""
+    return dg.AssetCheckEvaluation(
+        asset_key=MATCHES_KEY,
+        check_name=RUN_NOT_FAILED if isinstance(exc, RunFailedError) else RUN_NOT_EXPIRED,
+        passed=False,
+        partition=segment_id,
+        description=str(exc),
+        metadata=run_metadata(None, run_id, sort),
+    )
+
+
 @dg.asset(
     partitions_def=segments_partitions,
     metadata={"partition_expr": "segment_id"},
@@ -175,16 +189,7 @@ def segment_matches(
             waited = client.budget.waited_seconds
         except (RunFailedError, RunExpiredError) as exc:
             # The checks after this step are skipped; record the verdict on the partition here.
-            context.log_event(
-                dg.AssetCheckEvaluation(
-                    asset_key=MATCHES_KEY,
-                    check_name=RUN_NOT_FAILED if isinstance(exc, RunFailedError) else RUN_NOT_EXPIRED,
-                    passed=False,
-                    partition=segment_id,
-                    description=str(exc),
-                    metadata=run_metadata(None, run_id or "", sort),
-                )
-            )
+            context.log_event(_run_verdict(exc, segment_id, run_id or "", sort))
             raise dg.Failure(description=str(exc)) from None
         except ActiveCampaignError as exc:
             raise dg.Failure(description=str(exc)) from None
