@@ -4,7 +4,9 @@ Data flow: segment_discovery_sensor (partitions, deletions, and the catalog
 activecampaign_segments) -> match_all_kickoff_schedule / job (runs started, recorded as pending)
 -> match_all_readiness_sensor (polls) -> segment_matches (pages read into DuckDB) -> matches_complete
 (rows checked) -> membership_changes_automation -> segment_membership_changes (joined/left
-appended in DuckDB) -> membership_change_plausible.
+appended in DuckDB) -> membership_change_plausible. Small segments (one page) take a shortcut:
+the sensor reads them in batches (read_small_segments), each run doing all of that for up to
+100 segments.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from matchall_dagster.orchestration.checks import matches_complete, run_not_expi
 from matchall_dagster.orchestration.discovery import segment_discovery_sensor
 from matchall_dagster.orchestration.kickoff import match_all_kickoff_job, match_all_kickoff_schedule
 from matchall_dagster.orchestration.preview import resolving_definitions
-from matchall_dagster.orchestration.readiness import match_all_readiness_sensor
+from matchall_dagster.orchestration.readiness import match_all_readiness_sensor, segment_matches_job
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.small_reads import read_small_segments
 from matchall_dagster.settings import duckdb_path
 from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager
 
@@ -31,7 +34,7 @@ def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
     defs = dg.Definitions(
         assets=[activecampaign_segments, segment_matches, segment_membership_changes],
         asset_checks=[run_not_failed, run_not_expired, matches_complete],
-        jobs=[match_all_kickoff_job, activecampaign_segments_job],
+        jobs=[match_all_kickoff_job, activecampaign_segments_job, segment_matches_job, read_small_segments],
         schedules=[match_all_kickoff_schedule],
         sensors=[segment_discovery_sensor, match_all_readiness_sensor, membership_changes_sensor],
         # One process per run: every Dagster process costs about 200 MiB and 2-3 s of imports

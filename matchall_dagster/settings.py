@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         "`memory`, a SQLite file (`sqlite:///path` or a path) or `postgresql://USER@HOST:PORT/DB` (password from "
         "`PGPASSWORD`). Default: `matchall-request-budget.sqlite` in `DAGSTER_HOME` (else `memory`).",
     )
+    small_batch_segments: int = Field(
+        default=100,
+        ge=0,
+        le=1000,
+        description="At most this many small ready segments (one page or less) are read in one run of "
+        "`read_small_segments`; 0 reads every segment in a run of its own.",
+    )
     max_change_share: float = Field(
         default=0.5,
         gt=0,

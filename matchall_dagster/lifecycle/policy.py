@@ -56,6 +56,7 @@ class PendingRun:
     next_poll_at: float = 0.0
     kickoff: str | None = None
     segment_name: str | None = None
+    alone: bool = False  # read in a run of its own, never in a batch (PendingRecord.alone)
 
 
 def pending_run(segment_id: str, record: PendingRecord, storage_id: int, recorded_at: float, now: float) -> PendingRun:
@@ -72,6 +73,7 @@ def pending_run(segment_id: str, record: PendingRecord, storage_id: int, recorde
         kickoff=record.kickoff,
         segment_name=record.segment_name,
         next_poll_at=started,
+        alone=record.alone,
     )
 
 

@@ -116,23 +116,18 @@ def _validated(segment_id: str, config: SegmentMatchesConfig) -> str:
     return sort
 
 
-def _read_when_ready(
-    context: dg.AssetExecutionContext,
-    client: ActiveCampaignClient,
-    run_id: str,
-    sort: str,
-    config: SegmentMatchesConfig,
+def read_when_ready(
+    log: Any, client: ActiveCampaignClient, segment_id: str, run_id: str, sort: str, config: SegmentMatchesConfig
 ) -> MatchList:
     """Wait for the run to be ready, then read every page of it."""
-    segment_id = context.partition_key
 
     def waiting(run: MatchAllRun, elapsed: float) -> None:
         if not run.is_ready:
-            context.log.info(f"Run {run_id} is {run.state.value} after {elapsed:.0f} s; waiting.")
+            log.info(f"Run {run_id} is {run.state.value} after {elapsed:.0f} s; waiting.")
 
     first = client.wait_until_ready(segment_id, run_id, sort=sort, timeout=config.wait_timeout_seconds, on_poll=waiting)
     assert first.page is not None
-    context.log.info(f"Run {run_id} is ready: {first.page.total:,} members on {first.page.last_page} page(s).")
+    log.info(f"Run {run_id} is ready: {first.page.total:,} members on {first.page.last_page} page(s).")
     return client.fetch_matches(
         segment_id,
         run_id,
@@ -143,7 +138,7 @@ def _read_when_ready(
     )
 
 
-def _run_verdict(
+def run_verdict(
     exc: RunFailedError | RunExpiredError, segment_id: str, run_id: str, sort: str
 ) -> dg.AssetCheckEvaluation:
     """The failed verdict of run_not_failed or run_not_expired on a run the asset could not read."""
@@ -184,42 +179,65 @@ def segment_matches(
                 context.log.info(f"Started match-all run {run_id} of {segment} (sort {sort}).")
             else:
                 context.log.info(f"Reading the existing match-all run {run_id} of {segment} (sort {sort}).")
-            matches = _read_when_ready(context, client, run_id, sort, config)
-            requests = client.requests_sent  # this materialization's client: its start, polls and pages
-            waited = client.budget.waited_seconds
+            matches = read_when_ready(context.log, client, segment_id, run_id, sort, config)
         except (RunFailedError, RunExpiredError) as exc:
             # The checks after this step are skipped; record the verdict on the partition here.
-            context.log_event(_run_verdict(exc, segment_id, run_id or "", sort))
+            context.log_event(run_verdict(exc, segment_id, run_id or "", sort))
             raise dg.Failure(description=str(exc)) from None
         except ActiveCampaignError as exc:
             raise dg.Failure(description=str(exc)) from None
 
-    context.log.info(
-        f"Read {matches.total:,} members of {segment} in {matches.pages_read} page(s), "
-        f"{requests} request(s), {matches.elapsed_seconds:.1f} s ({waited:.1f} s of it waiting for places in the "
-        f"account's request budget, {client.budget.store})."
+    metadata = matches_metadata(
+        matches,
+        entry,
+        requests=client.requests_sent,
+        waited=client.budget.waited_seconds,
+        budget=str(client.budget.store),
+        log=context.log,
     )
+    return dg.Output(members_frame(segment_id, matches.contact_ids), metadata=metadata)
+
+
+def matches_metadata(
+    matches: MatchList, entry: CatalogEntry | None, *, requests: int, waited: float, budget: str, log: Any
+) -> dict[str, Any]:
+    """A materialization's metadata (and its log line), read back by the checks and the history.
+
+    `requests` and `waited` are this read's own (its start, polls and pages; its waits for places
+    in the account's request budget `budget`).
+    """
     run = matches.run
     assert run.page is not None
-    return dg.Output(
-        members_frame(segment_id, matches.contact_ids),
-        metadata={
-            "dagster/row_count": matches.total,
-            **({SEGMENT_NAME: name} if name else {}),
-            **run_metadata(run, run.run_id, sort),
-            **_expected_metadata(entry, matches.total, context.log),
-            PAGE_TOTAL: run.page.total,
-            "pages_read": matches.pages_read,
-            "requests": requests,
-            "budget_wait_seconds": round(waited, 3),
-            "request_budget": str(client.budget.store),
-            "restarts": matches.restarts,
-            "elapsed_seconds": round(matches.elapsed_seconds, 3),
-            "preview": _preview(matches),
-        },
+    name = entry.name if entry is not None else None
+    log.info(
+        f"Read {matches.total:,} members of {labelled(matches.segment_id, name)} in {matches.pages_read} page(s), "
+        f"{requests} request(s), {matches.elapsed_seconds:.1f} s ({waited:.1f} s of it waiting for places in the "
+        f"account's request budget, {budget})."
     )
+    return {
+        "dagster/row_count": matches.total,
+        **({SEGMENT_NAME: name} if name else {}),
+        **run_metadata(run, run.run_id, matches.sort),
+        **_expected_metadata(entry, matches.total, log),
+        PAGE_TOTAL: run.page.total,
+        "pages_read": matches.pages_read,
+        "requests": requests,
+        "budget_wait_seconds": round(waited, 3),
+        "request_budget": budget,
+        "restarts": matches.restarts,
+        "elapsed_seconds": round(matches.elapsed_seconds, 3),
+        "preview": _preview(matches),
+    }
 
 
 ASSET_KEY = MATCHES_KEY  # the older name
 
-__all__ = ["ASSET_KEY", "SegmentMatchesConfig", "members_frame", "segment_matches"]
+__all__ = [
+    "ASSET_KEY",
+    "SegmentMatchesConfig",
+    "matches_metadata",
+    "members_frame",
+    "read_when_ready",
+    "run_verdict",
+    "segment_matches",
+]

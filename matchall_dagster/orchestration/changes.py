@@ -7,22 +7,26 @@ of a segment changed in one step, the mark of a broken segment definition.
 """
 
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.orchestration.assets import segment_matches
 from matchall_dagster.orchestration.metadata import RUN_ID
-from matchall_dagster.orchestration.names import CHANGES_KEY, CHANGES_SENSOR, MATCHES_KEY, PLAUSIBLE
+from matchall_dagster.orchestration.names import BATCH_TAG, CHANGES_KEY, CHANGES_SENSOR, MATCHES_KEY, PLAUSIBLE
 from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.orchestration.preview import partitioned_checks
 from matchall_dagster.settings import Settings, settings
 from matchall_dagster.storage.history import Step, record_step
 
 __all__ = [
+    "CHANGES_AUTOMATION",
     "CHANGES_KEY",
     "MAX_SHARE_VARIABLE",
     "PLAUSIBLE",
+    "changes_metadata",
+    "describe",
     "membership_changes_sensor",
     "plausibility",
     "segment_membership_changes",
@@ -63,6 +67,40 @@ def plausibility(step: Step, max_share: float) -> dg.AssetCheckResult:
     )
 
 
+def describe(step: Step) -> str:
+    """The step's log line."""
+    if step.recorded:
+        return (
+            f"Segment {step.segment_id}: {step.members:,} members; {step.joined:,} joined and {step.left:,} left "
+            f"since the previous materialization."
+        )
+    return (
+        f"Segment {step.segment_id}: this materialization of segment_matches (run {step.run_id}) was already "
+        f"recorded; nothing appended."
+    )
+
+
+def changes_metadata(step: Step) -> dict[str, Any]:
+    """A materialization's metadata: the numbers the UI plots per partition."""
+    return {
+        "members": step.members,
+        "joined": step.joined,
+        "left": step.left,
+        "churn_rate": step.churn_rate,
+        "run_id": step.run_id,
+        "observed_at": dg.MetadataValue.timestamp(step.observed_at),
+        "appended": step.recorded,
+    }
+
+
+# Eager, except after a batch run of small segments: that run records the changes of every
+# partition it materializes itself (see `small_reads`), so a run of this asset would be one process
+# per segment again, for a step already recorded.
+CHANGES_AUTOMATION = dg.AutomationCondition.eager() & ~dg.AutomationCondition.any_deps_match(
+    dg.AutomationCondition.executed_with_tags(tag_keys={BATCH_TAG})
+)
+
+
 def _plausible_spec() -> dg.AssetCheckSpec:
     with partitioned_checks():
         return dg.AssetCheckSpec(
@@ -79,7 +117,7 @@ def _plausible_spec() -> dg.AssetCheckSpec:
     deps=[segment_matches],
     partitions_def=segments_partitions,
     kinds={"duckdb"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=CHANGES_AUTOMATION,
     check_specs=[_plausible_spec()],
     description="Contacts that joined or left the segment at each materialization of segment_matches "
     "(table segment_membership_changes: segment_id, contact_id, change, run_id, observed_at; appended only).",
@@ -105,28 +143,8 @@ def segment_membership_changes(context: dg.AssetExecutionContext, duckdb: DuckDB
             run_id=str(run_id),
             observed_at=datetime.fromtimestamp(source.timestamp, UTC),
         )
-    if step.recorded:
-        context.log.info(
-            f"Segment {segment_id}: {step.members:,} members; {step.joined:,} joined and {step.left:,} left "
-            f"since the previous materialization."
-        )
-    else:
-        context.log.info(
-            f"Segment {segment_id}: this materialization of segment_matches (run {step.run_id}) was already "
-            f"recorded; nothing appended."
-        )
-    return dg.MaterializeResult(
-        metadata={
-            "members": step.members,
-            "joined": step.joined,
-            "left": step.left,
-            "churn_rate": step.churn_rate,
-            "run_id": step.run_id,
-            "observed_at": dg.MetadataValue.timestamp(step.observed_at),
-            "appended": step.recorded,
-        },
-        check_results=[plausibility(step, max_share)],
-    )
+    context.log.info(describe(step))
+    return dg.MaterializeResult(metadata=changes_metadata(step), check_results=[plausibility(step, max_share)])
 
 
 membership_changes_sensor = dg.AutomationConditionSensorDefinition(

@@ -32,7 +32,16 @@ from matchall_dagster.orchestration.preview import partitioned_checks
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.storage.io_manager import PartitionSummary
 
-__all__ = ["RunCheckConfig", "matches_complete", "run_checks", "run_not_expired", "run_not_failed"]
+__all__ = [
+    "RunCheckConfig",
+    "completeness",
+    "evaluation",
+    "matches_complete",
+    "materialized_verdicts",
+    "run_checks",
+    "run_not_expired",
+    "run_not_failed",
+]
 RUN_RETENTION = timedelta(days=90)
 EXPIRY_WARNING = timedelta(days=10)
 
@@ -159,11 +168,13 @@ def run_not_expired(
     "The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
 )
 def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: PartitionSummary) -> dg.AssetCheckResult:
-    materialized = _materialized(context) or {}
-    expected = materialized.get(PAGE_TOTAL)
-    rows = segment_matches.rows
-    in_order = segment_matches.positions_exact
-    duplicates = segment_matches.repeated_contacts
+    return completeness(segment_matches, (_materialized(context) or {}).get(PAGE_TOTAL))
+
+
+def completeness(summary: PartitionSummary, expected: int | None) -> dg.AssetCheckResult:
+    """The verdict of `matches_complete` on a stored partition that the run said holds `expected` rows."""
+    rows = summary.rows
+    duplicates = summary.repeated_contacts
     problems = []
     if expected is None:
         problems.append("the materialization records no page_total to compare with")
@@ -171,14 +182,43 @@ def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: Pa
         problems.append(f"{rows} rows stored where the run holds {expected}")
     if duplicates:
         problems.append(f"{duplicates} contact id(s) stored more than once")
-    if not in_order:
+    if not summary.positions_exact:
         problems.append("positions are not exactly 1..n")
     return dg.AssetCheckResult(
+        check_name=MATCHES_COMPLETE,
         passed=not problems,
         description="; ".join(problems).capitalize() + ". Materialize the partition again."
         if problems
         else f"All {rows} members stored once each, positions 1..{rows}.",
         metadata={"rows": rows, "expected": expected if expected is not None else -1, "duplicates": duplicates},
+    )
+
+
+def materialized_verdicts(
+    metadata: dict[str, Any], summary: PartitionSummary, now: datetime
+) -> list[dg.AssetCheckResult]:
+    """The three checks' verdicts on a partition just materialized with `metadata` (plain values):
+    what the checks would say if run after it, without a run or a request of their own."""
+    run_id = metadata[RUN_ID]
+    started_at = datetime.fromtimestamp(float(metadata[RUN_STARTED_AT]), UTC)
+    return [
+        dg.AssetCheckResult(check_name=RUN_NOT_FAILED, passed=True, metadata={RUN_ID: run_id}),
+        _expiry(started_at, str(run_id), {RUN_ID: run_id}, now),
+        completeness(summary, metadata.get(PAGE_TOTAL)),
+    ]
+
+
+def evaluation(result: dg.AssetCheckResult, asset_key: dg.AssetKey, partition: str) -> dg.AssetCheckEvaluation:
+    """A check's result as the event a step logs for a partition it did not run the check for."""
+    assert result.check_name is not None
+    return dg.AssetCheckEvaluation(
+        asset_key=asset_key,
+        check_name=result.check_name,
+        passed=result.passed,
+        partition=partition,
+        metadata=result.metadata,
+        severity=result.severity,
+        description=result.description,
     )
 
 

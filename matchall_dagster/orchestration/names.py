@@ -22,6 +22,9 @@ SEGMENTS_PARTITIONS = "segments"
 DELETED_PARTITIONS = "deleted_segments"  # a set of segment ids, not the partitions of an asset
 
 KICKOFF_JOB = "match_all_kickoff_job"
+MATCHES_JOB = "segment_matches_job"  # one partition of segment_matches and its checks (the readiness sensor's)
+SMALL_READS_JOB = "read_small_segments"  # a batch of small segments read in one run (see small_reads)
+BATCH_TAG = "matchall/batch"  # on the runs of SMALL_READS_JOB: how many segments the batch holds
 CATALOG_JOB = "activecampaign_segments_job"
 KICKOFF_SCHEDULE = "match_all_kickoff_schedule"
 READINESS_SENSOR = "match_all_readiness_sensor"

@@ -45,9 +45,16 @@ from matchall_dagster.lifecycle.policy import (
 )
 from matchall_dagster.orchestration.assets import segment_matches
 from matchall_dagster.orchestration.metadata import labelled
-from matchall_dagster.orchestration.names import MATCHES_KEY, READINESS_SENSOR, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import (
+    MATCHES_JOB,
+    MATCHES_KEY,
+    READINESS_SENSOR,
+    RUN_NOT_EXPIRED,
+    RUN_NOT_FAILED,
+)
 from matchall_dagster.orchestration.pending_runs import Batch, is_active, load, pending_observation
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.small_reads import batch_requests, is_small, read_small_segments
 from matchall_dagster.settings import settings
 
 __all__ = ["POLL_WINDOW_SECONDS", "REQUESTS_PER_TICK", "TICK_DEADLINE_SECONDS", "match_all_readiness_sensor"]
@@ -86,8 +93,13 @@ def _polling_client(activecampaign: ActiveCampaignResource, window_ends: float) 
     )
 
 
+# One partition of segment_matches with its checks: a large segment's read, or a check alone.
+segment_matches_job = dg.define_asset_job(MATCHES_JOB, selection=dg.AssetSelection.assets(segment_matches))
+
+
 def materialize_request(run: PendingRun) -> dg.RunRequest:
     return dg.RunRequest(
+        job_name=MATCHES_JOB,
         run_key=f"{run.segment_id}/{run.run_id}",  # one materialization per remote run
         partition_key=run.segment_id,
         run_config={"ops": {"segment_matches": {"config": {"run_id": run.run_id, "sort": run.sort}}}},
@@ -98,6 +110,7 @@ def materialize_request(run: PendingRun) -> dg.RunRequest:
 def check_request(run: PendingRun, check_name: str) -> dg.RunRequest:
     """A run of one check alone, judging this remote run, so that its verdict lands on the partition."""
     return dg.RunRequest(
+        job_name=MATCHES_JOB,
         run_key=f"{run.segment_id}/{run.run_id}/{check_name}",
         partition_key=run.segment_id,
         asset_selection=[],
@@ -120,6 +133,7 @@ class Outcome:
     waiting: tuple[float, int] | None = None
     requests: tuple[dg.RunRequest, ...] = ()
     events: tuple[dg.AssetObservation, ...] = ()
+    small: PendingRun | None = None  # a ready run of a small segment, for a batch (small_reads)
     spent: int = 0  # requests sent
     unavailable: bool = False  # the poll found the API unavailable (429, 5xx, network)
     stop: str = ""  # why the tick ends here
@@ -142,6 +156,7 @@ class Poller:
     budget: int
     window_ends: float  # time.monotonic()
     max_attempts: int
+    batch_size: int  # small ready segments a batch (0: none batched)
     _active: dict[str, bool] = field(default_factory=dict)
 
     def poll(self, item: Due) -> Outcome:
@@ -179,7 +194,8 @@ class Poller:
             return Outcome(
                 item, polled=True, step=decision.step, spent=spent, stop="no request left to start a fresh run"
             )
-        return self._act(item, decision, before)
+        small = self.batch_size > 0 and is_small(status) and not run.alone
+        return self._act(item, decision, before, small=small)
 
     def _skipped(self, run: PendingRun | None) -> str:
         """Why a chosen run is passed over without a request, or "" to poll it."""
@@ -193,9 +209,12 @@ class Poller:
         # forgotten partition would fail the tick; the next kick-off after it is listed again starts it.
         return "" if self._active[run.segment_id] else "dropped"
 
-    def _act(self, item: Due, decision: Decision, before: int) -> Outcome:
+    def _act(self, item: Due, decision: Decision, before: int, *, small: bool) -> Outcome:
         run, step = decision.run, decision.step
         segment = labelled(run.segment_id, run.segment_name)
+        if step is Step.MATERIALIZE and small:
+            spent = self.client.requests_sent - before
+            return Outcome(item, polled=True, step=step, taken=True, small=run, spent=spent)
         requests: tuple[dg.RunRequest, ...] = ()
         events: tuple[dg.AssetObservation, ...] = ()
         waiting = (run.next_poll_at, run.polls) if step is Step.WAIT else None
@@ -321,16 +340,18 @@ def merge(cursor: ReadinessCursor, batch: Batch, outcomes: list[Outcome]) -> tup
 
 @dg.sensor(
     name=READINESS_SENSOR,
-    target=dg.AssetSelection.assets(segment_matches),
+    jobs=[segment_matches_job, read_small_segments],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Polls each pending match-all run (backing off per run, oldest due first, a fixed request "
-    "budget per tick) and materializes its partition once ready.",
+    "budget per tick) and materializes its partition once ready: a large segment in a run of its own, the "
+    "small ones (one page) in batches.",
 )
 def match_all_readiness_sensor(
     context: dg.SensorEvaluationContext, activecampaign: ActiveCampaignResource
 ) -> dg.SensorResult:
     attempts = settings().max_run_attempts
+    batch_size = settings().small_batch_segments
     started = time.monotonic()
     window_ends = started + POLL_WINDOW_SECONDS
     budget = REQUESTS_PER_TICK
@@ -338,13 +359,18 @@ def match_all_readiness_sensor(
     batch = load(context.instance, cursor, clock(), budget, context.log, until=started + NEW_RECORDS_SECONDS)
     client = _polling_client(activecampaign, window_ends)
     try:
-        outcomes = poll_each(Poller(context.instance, client, context.log, batch, budget, window_ends, attempts))
+        outcomes = poll_each(
+            Poller(context.instance, client, context.log, batch, budget, window_ends, attempts, batch_size)
+        )
     finally:
         client.close()
     cursor, report = merge(cursor, batch, outcomes)
     if report.stopped:
         context.log.info(f"Tick {report.describe()}")
-    requests = [request for outcome in outcomes for request in outcome.requests]
+    small = [outcome.small for outcome in outcomes if outcome.small is not None]
+    if small:
+        context.log.info(f"{len(small)} small segment(s) ready; reading them in batches of up to {batch_size}.")
+    requests = [request for outcome in outcomes for request in outcome.requests] + batch_requests(small, batch_size)
     events = [event for outcome in outcomes for event in outcome.events]
     return dg.SensorResult(
         run_requests=requests,

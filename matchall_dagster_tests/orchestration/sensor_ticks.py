@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +21,34 @@ from matchall_dagster_tests.conftest import sensor_context
 READINESS = "match_all_readiness_sensor"
 DISCOVERY = "segment_discovery_sensor"
 LOG = logging.getLogger("test")
+
+
+@dataclass(frozen=True)
+class Read:
+    """A read the readiness sensor requested: alone (a run of segment_matches) or in a batch."""
+
+    segment_id: str
+    run_id: str
+    sort: str
+    polls: int
+    batch: bool
+
+
+def reads_of(data: dg.SensorExecutionData) -> list[Read]:
+    """Every segment read the tick requested, batches expanded, in request order."""
+    found: list[Read] = []
+    for request in data.run_requests:
+        if request.job_name == "read_small_segments":
+            (config,) = (op["config"] for op in request.run_config["ops"].values())
+            found.extend(Read(r["segment_id"], r["run_id"], r["sort"], r["polls"], True) for r in config["reads"])
+        elif not request.asset_check_keys:
+            assert request.job_name == "segment_matches_job"
+            assert request.run_key == f"{request.partition_key}/{request.tags['matchall/run_id']}"
+            config = request.run_config["ops"]["segment_matches"]["config"]
+            assert request.partition_key is not None
+            polls = int(request.tags["matchall/polls"])
+            found.append(Read(request.partition_key, config["run_id"], config["sort"], polls, False))
+    return found
 
 
 def tick(

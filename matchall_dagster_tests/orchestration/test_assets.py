@@ -24,7 +24,7 @@ from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, Match
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.orchestration.assets import size_note
 from matchall_dagster.orchestration.catalog import read_catalog
-from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.names import MATCHES_COMPLETE, PLAUSIBLE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.simulator import DEFAULT_TOKEN, Behavior, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import (
     CHECKS,
@@ -91,6 +91,27 @@ def recorded_evaluation(
             assert (record.status.value == "SUCCEEDED") == evaluation.passed
             return evaluation
     raise AssertionError(f"no evaluation of {check_name} recorded for partition {segment_id} in run {run_id}")
+
+
+JOBS = {"1": "read_small_segments", "10001": "segment_matches_job"}  # one page, or more
+
+
+def partition_materializations(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, dict[str, Any]]:
+    """The metadata of each partition of `asset` materialized in the run (an asset run's or a batch's)."""
+    found = {}
+    for event in result.get_asset_materialization_events():
+        logged = event.step_materialization_data.materialization
+        if logged.asset_key == dg.AssetKey(asset) and logged.partition is not None:
+            found[logged.partition] = {key: value.value for key, value in logged.metadata.items()}
+    return found
+
+
+def partition_evaluations(result: dg.ExecuteInProcessResult, partition: str) -> dict[str, dg.AssetCheckEvaluation]:
+    return {
+        evaluation.check_name: evaluation
+        for evaluation in result.get_asset_check_evaluations()
+        if evaluation.partition in (partition, None)
+    }
 
 
 def materialization(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
@@ -506,28 +527,35 @@ def test_schedule_sensors_and_materializations_end_to_end(
     kickoff_job = defs.resolve_job_def("match_all_kickoff_job")
 
     readiness = defs.resolve_sensor_def("match_all_readiness_sensor")
-    assert readiness.job_name is not None
-    materialize_job = defs.resolve_job_def(readiness.job_name)  # the sensor's target: the asset and its checks
 
     def materialize_ready(cursor: str | None) -> tuple[str | None, dict[str, str]]:
         """One readiness tick, then the run of each request executed as the daemon would launch it."""
         with sensor_context(instance, defs, cursor=cursor) as context:
             tick = readiness.evaluate_tick(context)
         read: dict[str, str] = {}
+        jobs: dict[str, str] = {}
         for request in tick.run_requests or []:
-            assert request.partition_key is not None
-            assert request.job_name in (None, readiness.job_name)
-            result = materialize_job.execute_in_process(
+            assert request.job_name is not None
+            result = defs.resolve_job_def(request.job_name).execute_in_process(
                 run_config=request.run_config,
                 instance=instance,
                 partition_key=request.partition_key,
                 tags=request.tags,
                 resources=defs.resources,
             )
-            assert set(evaluations(result)) == set(CHECKS)
-            assert all(evaluation.passed for evaluation in evaluations(result).values())
-            assert materialization(result)["segment_name"] == names[request.partition_key]  # from the catalog
-            read[request.partition_key] = materialization(result)["run_id"]
+            assert result.success
+            for partition, metadata in partition_materializations(result, "segment_matches").items():
+                checks = partition_evaluations(result, partition)
+                # A batch also records the membership changes and their check; a large segment's
+                # changes come from the automation sensor, after this run.
+                assert set(checks) == set(CHECKS) | (
+                    {PLAUSIBLE} if request.job_name == "read_small_segments" else set()
+                )
+                assert all(evaluation.passed for evaluation in checks.values())
+                assert metadata["segment_name"] == names[partition]  # from the catalog
+                read[partition] = metadata["run_id"]
+                jobs[partition] = request.job_name
+        assert jobs == {segment_id: job for segment_id, job in JOBS.items() if segment_id in read}
         return tick.cursor, read
 
     # Discovery adds the tracked segments as partitions, asks for their kick-off and for the catalog.

@@ -24,6 +24,7 @@ from matchall_dagster_tests.orchestration.sensor_ticks import (
     READINESS,
     Clock,
     cursor_of,
+    reads_of,
     record_pending,
     tick,
 )
@@ -43,8 +44,8 @@ def checks_of(data: dg.SensorExecutionData) -> list[tuple[str, str | None, str]]
     return found
 
 
-def materializations_of(data: dg.SensorExecutionData) -> list[str | None]:
-    return [request.partition_key for request in data.run_requests if not request.asset_check_keys]
+def materializations_of(data: dg.SensorExecutionData) -> list[str]:
+    return [read.segment_id for read in reads_of(data)]
 
 
 def test_ready_runs_are_requested_once_each(
@@ -52,13 +53,12 @@ def test_ready_runs_are_requested_once_each(
 ) -> None:
     runs = record_pending(instance, server, "1", "10001", sort="-email")
     data = tick(instance, defs, READINESS)
-    requested = {request.partition_key: request for request in data.run_requests}
+    requested = {read.segment_id: read for read in reads_of(data)}
     assert set(requested) == {"1", "10001"}
-    for segment_id, request in requested.items():
-        assert request.run_key == f"{segment_id}/{runs[segment_id]}"
-        config = request.run_config["ops"]["segment_matches"]["config"]
-        assert config == {"run_id": runs[segment_id], "sort": "-email"}
-        assert request.tags["matchall/polls"] == "1"
+    for segment_id, read in requested.items():
+        assert (read.run_id, read.sort, read.polls) == (runs[segment_id], "-email", 1)
+    assert not requested["10001"].batch  # more than a page: a run of its own
+    assert requested["1"].batch  # one page: in a batch of the small ones
     assert cursor_of(data).waiting == {}
     later = tick(instance, defs, READINESS, data.cursor)
     assert not later.run_requests  # nothing is requested twice
@@ -96,8 +96,7 @@ def test_running_runs_wait_with_backoff_in_the_cursor(
     server.simulator.advance_clock(3_601)
     sensor_clock.advance(3_601)
     done = tick(instance, defs, READINESS, again.cursor)
-    assert [request.partition_key for request in done.run_requests] == ["99"]
-    assert done.run_requests[0].tags["matchall/polls"] == "2"
+    assert [(read.segment_id, read.polls) for read in reads_of(done)] == [("99", 2)]
     assert cursor_of(done).waiting == {}
 
 
@@ -112,7 +111,7 @@ def test_a_newer_run_of_a_segment_replaces_the_older_one(
     sensor_clock.advance(3_601)
     server.simulator.reset_stats()
     data = tick(instance, defs, READINESS, first.cursor)
-    assert [request.run_key for request in data.run_requests] == [f"99/{newer['99']}"]
+    assert [(read.segment_id, read.run_id) for read in reads_of(data)] == [("99", newer["99"])]
     assert older["99"] != newer["99"]
     assert server.simulator.stats()["requests"] == 1  # the older one is dropped without a poll
     assert cursor_of(data).waiting == {}
@@ -128,7 +127,7 @@ def test_a_long_history_of_replaced_runs_costs_no_request(
     server.simulator.reset_stats()
     data = tick(instance, defs, READINESS)
     assert server.simulator.stats()["requests"] == 2
-    assert [request.run_key for request in data.run_requests] == [f"1/{latest['1']}"]
+    assert [(read.segment_id, read.run_id) for read in reads_of(data)] == [("1", latest["1"])]
     (waiting,) = cursor_of(data).waiting  # the newest run of 99
     after = cursor_of(data).after
     assert after is not None
@@ -237,7 +236,7 @@ def test_one_bad_segment_does_not_stop_the_others(
     server.simulator.set_faults(Faults())
     sensor_clock.advance(2 * FIRST_POLL_DELAY)  # due again: the wait is the run's age, in whole seconds
     recovered = tick(instance, defs, READINESS, failing.cursor)
-    assert sorted(request.partition_key for request in recovered.run_requests) == ["1", "10001"]
+    assert sorted(materializations_of(recovered)) == ["1", "10001"]
 
 
 def test_an_unavailable_api_ends_the_tick_early_and_keeps_the_rest_due(
@@ -308,10 +307,11 @@ def test_the_requested_check_runs_record_the_verdict_on_the_partition(
     record_pending(instance, server, "77", "88")
     server.simulator.advance_clock(61)
     data = tick(instance, defs, READINESS)
-    job = defs.resolve_implicit_global_asset_job_def()
     for request in data.run_requests:
         if not request.asset_check_keys:
             continue
+        assert request.job_name == "segment_matches_job"
+        job = defs.resolve_job_def(request.job_name)
         subset = job.get_subset(asset_selection=set(), asset_check_selection=set(request.asset_check_keys))
         result = subset.execute_in_process(
             instance=instance,
@@ -385,7 +385,8 @@ def test_killed_ticks_forget_no_run_and_materialize_none_twice(
         except _Killed:
             killed += 1
             continue
-        requested.extend(request.run_key or "" for request in data.run_requests)
+        requested.extend(f"{read.segment_id}/{read.run_id}" for read in reads_of(data))
+        requested.extend(request.run_key or "" for request in data.run_requests if request.asset_check_keys)
         for event in data.asset_events:  # the daemon stores a successful tick's events
             instance.report_runless_asset_event(event)
         cursor = data.cursor
