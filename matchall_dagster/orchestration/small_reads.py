@@ -50,7 +50,7 @@ from matchall_dagster.orchestration.names import API_POOL, BATCH_TAG, CHANGES_KE
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.settings import Settings, settings
 from matchall_dagster.storage.history import record_step
-from matchall_dagster.storage.partitions import replace_partition, summarize
+from matchall_dagster.storage.partitions import replace_partition, stored_metadata, summarize
 
 __all__ = [
     "BATCH_MAX_SEGMENTS",
@@ -100,8 +100,8 @@ class SmallReadsConfig(dg.Config):
 def batch_requests(runs: Sequence[PendingRun], size: int) -> list[dg.RunRequest]:
     """Runs of `read_small_segments` for ready small runs, `size` at most each."""
     requests = []
-    for start in range(0, len(runs), size):
-        chunk = runs[start : start + size]
+    for start in range(0, len(runs), max(size, 1)):
+        chunk = runs[start : start + max(size, 1)]
         reads = [
             SmallRead(
                 segment_id=run.segment_id,
@@ -179,7 +179,7 @@ class _Batch:
         with self.duckdb.get_connection() as connection:
             replace_partition(connection, segment_id, members_frame(segment_id, matches.contact_ids))
             summary = summarize(connection, segment_id)
-        metadata = {**metadata, "dagster/partition_row_count": matches.total, "dagster/storage_kind": "duckdb"}
+        metadata = {**metadata, **stored_metadata(self.duckdb.database, matches.total)}
         self._log(dg.AssetMaterialization(MATCHES_KEY, partition=segment_id, metadata=metadata))
         record = self._latest(segment_id)
         stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from matchall_dagster.storage.io_manager import TABLE, PartitionSummary
 
-__all__ = ["replace_partition", "summarize"]
+__all__ = ["replace_partition", "stored_metadata", "summarize"]
 
 _ROWS_VIEW = "matchall_partition_rows"
 
@@ -55,3 +55,12 @@ def summarize(connection: Any, segment_id: str, *, schema: str = "main") -> Part
         repeated_contacts=int(rows) - int(contacts),
         repeated_positions=int(rows) - int(positions),
     )
+
+
+def stored_metadata(database: str, rows: int, *, schema: str = "main") -> dict[str, Any]:
+    """The storage metadata the IO manager adds to a materialization, for one written here."""
+    return {
+        "dagster/partition_row_count": rows,
+        "dagster/storage_kind": "duckdb",
+        "dagster/table_name": f"{database}.{schema}.{TABLE}",
+    }

@@ -1,0 +1,200 @@
+"""read_small_segments: small ready segments read in one run, each partition recorded as its own runs would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+
+from matchall_dagster.lifecycle.policy import PendingRun
+from matchall_dagster.lifecycle.record import PendingRecord
+from matchall_dagster.orchestration import small_reads
+from matchall_dagster.orchestration.changes import CHANGES_KEY
+from matchall_dagster.orchestration.names import BATCH_TAG, MATCHES_KEY, PLAUSIBLE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.small_reads import batch_requests
+from matchall_dagster.simulator import SimulatorServer
+from matchall_dagster.storage.partitions import replace_partition
+from matchall_dagster_tests.conftest import CHECKS, materialize_segment, set_setting
+from matchall_dagster_tests.orchestration.sensor_ticks import READINESS, reads_of, record_pending, tick
+
+pytestmark = pytest.mark.usefixtures("sensor_clock")
+
+SMALL = ("1", "9999", "10000", "100")  # one page or less, the empty segment included
+
+
+def stored(duckdb_file: Path, segment_id: str) -> list[int]:
+    with duckdb.connect(str(duckdb_file), read_only=True) as connection:
+        rows = connection.execute(
+            "select contact_id from segment_matches where segment_id = ? order by position", [segment_id]
+        ).fetchall()
+    return [contact_id for (contact_id,) in rows]
+
+
+def run_requests(
+    defs: dg.Definitions, instance: dg.DagsterInstance, requests: list[dg.RunRequest]
+) -> list[dg.ExecuteInProcessResult]:
+    """Each requested run executed as the daemon would launch it."""
+    return [
+        defs.resolve_job_def(request.job_name or "").execute_in_process(
+            run_config=request.run_config,
+            instance=instance,
+            partition_key=request.partition_key,
+            tags=request.tags,
+            resources=defs.resources,
+            raise_on_error=False,
+        )
+        for request in requests
+    ]
+
+
+def latest(instance: dg.DagsterInstance, key: dg.AssetKey, segment_id: str) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[segment_id]), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def verdicts(instance: dg.DagsterInstance, key: dg.AssetKey, segment_id: str) -> dict[str, bool]:
+    """The latest evaluation of each check on the partition, as the instance recorded it."""
+    found: dict[str, bool] = {}
+    for name in (*CHECKS, PLAUSIBLE):
+        history = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(key, name), limit=100)
+        for record in history:  # newest first
+            if record.partition == segment_id and isinstance(record.evaluation, dg.AssetCheckEvaluation):
+                assert (record.status.value == "SUCCEEDED") == record.evaluation.passed
+                found[name] = record.evaluation.passed
+                break
+    return found
+
+
+def test_small_ready_segments_share_one_run_and_each_partition_gets_its_own_events(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path
+) -> None:
+    runs = record_pending(instance, server, *SMALL, "10001")
+    data = tick(instance, defs, READINESS)
+    batches = [request for request in data.run_requests if request.job_name == "read_small_segments"]
+    (batch,) = batches
+    assert batch.tags[BATCH_TAG] == str(len(SMALL))
+    assert sorted(read.segment_id for read in reads_of(data) if read.batch) == sorted(SMALL)
+    alone = [request for request in data.run_requests if request.job_name == "segment_matches_job"]
+    assert [request.partition_key for request in alone] == ["10001"]
+
+    (result,) = run_requests(defs, instance, [batch])
+    assert result.success
+    single = materialize_segment(defs, instance, "25001")  # a partition materialized alone, for comparison
+    (alone_event,) = single.asset_materializations_for_node("segment_matches")
+    for segment_id in SMALL:
+        record = latest(instance, MATCHES_KEY, segment_id)
+        assert record is not None
+        assert record.run_id == result.run_id
+        assert record.asset_materialization is not None
+        metadata = {key: value.value for key, value in record.asset_materialization.metadata.items()}
+        assert metadata["run_id"] == runs[segment_id]
+        assert metadata["page_total"] == metadata["dagster/row_count"] == len(server.simulator.truth(segment_id))
+        # The same metadata as a materialization of its own (the IO manager's query and frame schema aside).
+        assert set(alone_event.metadata) - set(metadata) == {"dataframe_columns", "Query"}
+        assert stored(duckdb_file, segment_id) == server.simulator.truth(segment_id)
+        changes = latest(instance, CHANGES_KEY, segment_id)
+        assert changes is not None
+        assert changes.run_id == result.run_id
+        assert changes.asset_materialization is not None
+        assert changes.asset_materialization.metadata["joined"].value == len(server.simulator.truth(segment_id))
+        assert verdicts(instance, MATCHES_KEY, segment_id) == dict.fromkeys(CHECKS, True)
+        assert verdicts(instance, CHANGES_KEY, segment_id) == {PLAUSIBLE: True}
+
+
+def test_the_changes_automation_stands_aside_for_batched_partitions_only(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer
+) -> None:
+    record_pending(instance, server, "1", "9999")
+    selection = dg.AssetSelection.assets(CHANGES_KEY)
+    idle = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    assert run_requests(defs, instance, tick(instance, defs, READINESS).run_requests)[0].success
+    after_batch = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, asset_selection=selection, cursor=idle.cursor
+    )
+    assert after_batch.get_requested_partitions(CHANGES_KEY) == set()  # the batch recorded them
+    materialize_segment(defs, instance, "1")  # an analyst's materialization, by hand
+    by_hand = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, asset_selection=selection, cursor=after_batch.cursor
+    )
+    assert by_hand.get_requested_partitions(CHANGES_KEY) == {"1"}
+
+
+def test_a_failed_or_expired_run_in_a_batch_shows_on_its_own_partition(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer
+) -> None:
+    runs = record_pending(instance, server, "1", "77", "88")
+    server.simulator.advance_clock(61)  # 77's run has failed, 88's has expired
+    reads = [
+        small_reads.SmallRead(segment_id=segment_id, run_id=run_id, sort="id").model_dump()
+        for segment_id, run_id in runs.items()
+    ]
+    result = defs.resolve_job_def("read_small_segments").execute_in_process(
+        run_config={"ops": {"read_segment_batch": {"config": {"reads": reads}}}},
+        instance=instance,
+        resources=defs.resources,
+    )
+    assert result.success  # the others are read; the failures are on their partitions
+    assert latest(instance, MATCHES_KEY, "1") is not None
+    assert latest(instance, MATCHES_KEY, "77") is None
+    assert latest(instance, MATCHES_KEY, "88") is None
+    assert verdicts(instance, MATCHES_KEY, "77") == {RUN_NOT_FAILED: False}
+    assert verdicts(instance, MATCHES_KEY, "88") == {RUN_NOT_EXPIRED: False}
+
+
+def test_a_segment_the_batch_cannot_store_is_read_again_alone(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    server: SimulatorServer,
+    duckdb_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = record_pending(instance, server, "1", "9999")
+    first = tick(instance, defs, READINESS)
+    real = replace_partition
+
+    def broken_for_9999(connection: Any, segment_id: str, *args: Any, **kwargs: Any) -> None:
+        if segment_id == "9999":
+            raise OSError("disk full (injected)")
+        real(connection, segment_id, *args, **kwargs)
+
+    monkeypatch.setattr(f"{small_reads.__name__}.replace_partition", broken_for_9999)
+    (result,) = run_requests(defs, instance, first.run_requests)
+    assert result.success
+    assert stored(duckdb_file, "1") == server.simulator.truth("1")
+    assert latest(instance, MATCHES_KEY, "9999") is None
+    (observation,) = [
+        event.asset_observation_data.asset_observation
+        for event in result.all_events
+        if event.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert observation.partition == "9999"
+    assert PendingRecord.extract(observation.metadata).alone
+    monkeypatch.setattr(f"{small_reads.__name__}.replace_partition", real)
+
+    # The sensor polls it again and reads it in a run of its own, where a failure is the run's.
+    again = tick(instance, defs, READINESS, first.cursor)
+    assert [(read.segment_id, read.run_id, read.batch) for read in reads_of(again)] == [("9999", runs["9999"], False)]
+    (alone,) = run_requests(defs, instance, again.run_requests)
+    assert alone.success
+    assert stored(duckdb_file, "9999") == server.simulator.truth("9999")
+
+
+def test_batches_hold_at_most_the_configured_number_of_segments(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pending = [PendingRun(segment_id=str(i), run_id=f"r{i}", sort="id", started_at=0.0) for i in range(5)]
+    requests = batch_requests(pending, 2)
+    assert [request.tags[BATCH_TAG] for request in requests] == ["2", "2", "1"]
+    assert len({request.run_key for request in requests}) == 3
+    assert [request.run_key for request in batch_requests(pending, 2)] == [request.run_key for request in requests]
+
+    set_setting(monkeypatch, "MATCHALL_SMALL_BATCH_SEGMENTS", "0")  # every segment in a run of its own
+    record_pending(instance, server, "1", "9999")
+    data = tick(instance, defs, READINESS)
+    assert {request.job_name for request in data.run_requests} == {"segment_matches_job"}
+    assert sorted(read.segment_id for read in reads_of(data)) == ["1", "9999"]
