@@ -42,7 +42,7 @@ from matchall_dagster.orchestration.assets import (
     read_when_ready,
     run_verdict,
 )
-from matchall_dagster.orchestration.catalog import CatalogEntry, read_catalog
+from matchall_dagster.orchestration.catalog import read_catalog
 from matchall_dagster.orchestration.changes import changes_metadata, describe, plausibility
 from matchall_dagster.orchestration.checks import evaluation, materialized_verdicts
 from matchall_dagster.orchestration.metadata import labelled
@@ -159,33 +159,35 @@ class _Batch:
             return "run ended"
         except ActiveCampaignError as exc:
             return self._hand_back(read, exc)
-        entry = self.catalog.get(segment_id)
         metadata = matches_metadata(
             matches,
-            entry,
+            self.catalog.get(segment_id),
             requests=self.client.requests_sent - requests,
             waited=self.client.budget.waited_seconds - waited,
             budget=str(self.client.budget.store),
             log=log,
         )
         try:
-            self._store(matches, entry, metadata)
+            self._store(matches, metadata)
         except Exception as exc:  # the database's errors have no common base: hand back any
             return self._hand_back(read, exc)
         return "stored"
 
-    def _store(self, matches: MatchList, entry: CatalogEntry | None, metadata: dict[str, Any]) -> None:
+    def _store(self, matches: MatchList, metadata: dict[str, Any]) -> None:
+        """Write the rows, log the materialization and the checks' verdicts, then record the history step.
+
+        One connection for it all: the file is locked for milliseconds, never while the API is waited for.
+        """
         segment_id = matches.segment_id
         with self.duckdb.get_connection() as connection:
             replace_partition(connection, segment_id, members_frame(segment_id, matches.contact_ids))
             summary = summarize(connection, segment_id)
-        metadata = {**metadata, **stored_metadata(self.duckdb.database, matches.total)}
-        self._log(dg.AssetMaterialization(MATCHES_KEY, partition=segment_id, metadata=metadata))
-        record = self._latest(segment_id)
-        stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]
-        for result in materialized_verdicts(stored, summary, datetime.now(UTC)):
-            self._log(evaluation(result, MATCHES_KEY, segment_id))
-        with self.duckdb.get_connection() as connection:
+            metadata = {**metadata, **stored_metadata(self.duckdb.database, matches.total)}
+            self._log(dg.AssetMaterialization(MATCHES_KEY, partition=segment_id, metadata=metadata))
+            record = self._latest(segment_id)
+            stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]
+            for result in materialized_verdicts(stored, summary, datetime.now(UTC)):
+                self._log(evaluation(result, MATCHES_KEY, segment_id))
             step = record_step(
                 connection,
                 segment_id,
