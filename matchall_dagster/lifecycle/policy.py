@@ -73,7 +73,7 @@ def pending_run(segment_id: str, record: PendingRecord, storage_id: int, recorde
         kickoff=record.kickoff,
         segment_name=record.segment_name,
         next_poll_at=started,
-        alone=record.alone,
+        alone=bool(record.alone),
     )
 
 

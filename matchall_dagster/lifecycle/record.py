@@ -94,9 +94,9 @@ class PendingRecord(NamespacedRecord):
     attempt: int = 1  # runs started for this segment by this kick-off, this one included
     kickoff: str | None = None  # the root Dagster run id of the kick-off that started the run
     segment_name: str | None = None
-    # Read alone, in a run of its own: set when a batch of small segments could not read it
+    # True: read alone, in a run of its own. Set when a batch of small segments could not read it
     # (see orchestration.small_reads), so that a second failure shows on its partition as a failed run.
-    alone: bool = False
+    alone: bool | None = None
 
     @classmethod
     def of(
