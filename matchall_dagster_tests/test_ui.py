@@ -4,6 +4,14 @@ segment with its run id, a materialization launched by hand from the launchpad w
 of the analyst's choosing, whose rows are then read from DuckDB, and the plot of the segments'
 sizes over time from `segment_membership_changes`.
 
+Small segments are read in batches (`read_small_segments`, one run for several partitions), so the
+walk also checks that such a run reads well: the Runs page lists it as succeeded, and its log shows
+one materialization of `segment_matches` per segment, each naming its partition. A batch-read
+partition shows its latest materialization with the batch run's id, and each of its three checks
+shows the batch run's pass in the check's partition detail; the check's partition list is compared
+with the status Dagster resolves from the instance (a pass counts there only while its evaluation
+names the partition's latest materialization as its target).
+
 What the browser must show is read from the instance first, so the assertions compare the UI
 with the truth rather than with remembered strings. Screenshots go to test-artifacts/ui/.
 """
@@ -15,9 +23,11 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dagster as dg
 import duckdb
@@ -26,7 +36,14 @@ import yaml
 from playwright.sync_api import expect
 
 from matchall_dagster.orchestration.changes import CHANGES_KEY
-from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_FAILED
+from matchall_dagster.orchestration.metadata import RUN_ID
+from matchall_dagster.orchestration.names import (
+    BATCH_TAG,
+    MATCHES_COMPLETE,
+    RUN_NOT_EXPIRED,
+    RUN_NOT_FAILED,
+    SMALL_READS_JOB,
+)
 from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
 from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.storage.io_manager import TABLE
@@ -50,6 +67,8 @@ RUN_TIMEOUT = 300.0
 RUN_ID_TAG = "matchall/run_id"  # the remote (ActiveCampaign) run a Dagster run was launched for
 PLOTTED_STEPS = 3  # materializations of the evolving segment's membership changes before the plot
 SIZE_PLOT = "07-membership-size-plot"
+BATCH_CHECKS = (RUN_NOT_FAILED, RUN_NOT_EXPIRED, MATCHES_COMPLETE)  # what a batch logs on each partition
+MATERIALIZED_MATCHES = "Materialized value segment_matches"  # the message of its materializations in a run's log
 RUN_URL = re.compile(r"/runs/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
@@ -196,6 +215,74 @@ def _stored_members(deployment: Deployment, segment_id: str) -> list[int]:
             time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class BatchRead:
+    """A succeeded run of `read_small_segments` and a ready segment whose latest materialization it made."""
+
+    run_id: str
+    partitions: list[str]  # of segment_matches, in the order of the run's event log
+    segment: str
+
+
+@dataclass(frozen=True)
+class CheckOnPartition:
+    """What the UI should show of one check on one partition, read from the instance."""
+
+    name: str
+    status: str  # of the latest execution: SUCCEEDED, FAILED, ...
+    run_id: str  # the Dagster run that logged it
+    target_run_id: str | None  # the run of the materialization it names as its target, if any
+    listed: str  # the partition's status in the check's partition list ("Passed", "Missing", ...)
+
+
+def _matches_partitions(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The partitions of segment_matches that a run materialized, in the order it logged them."""
+    partitions = []
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        event = entry.dagster_event
+        if event is not None and event.asset_key == ASSET_KEY and event.partition is not None:
+            partitions.append(event.partition)
+    return partitions
+
+
+def _batch_read(instance: dg.DagsterInstance, deployment: Deployment) -> BatchRead | None:
+    """Of the ready segments whose latest materialization of segment_matches a succeeded batch run
+    of several segments made, the one of the batch with the most segments (the newest of those)."""
+    candidates: list[tuple[int, int, BatchRead]] = []
+    for segment in deployment.ready_segments:
+        record = _latest_materialization(instance, segment)
+        run = instance.get_run_by_id(record.run_id) if record is not None else None
+        if record is None or run is None or run.job_name != SMALL_READS_JOB:
+            continue
+        if run.status != dg.DagsterRunStatus.SUCCESS:
+            continue
+        partitions = _matches_partitions(instance, run.run_id)
+        if len(partitions) > 1:
+            candidates.append((len(partitions), record.storage_id, BatchRead(run.run_id, partitions, segment)))
+    return max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
+
+
+# How the check's partition list (Dagster 1.13) names the status of a partition whose latest
+# execution is finished: its own status while it targets the partition's latest materialization,
+# "Missing" (not evaluated) once a newer materialization exists or when it names none.
+_LISTED = {"SUCCEEDED": "Passed", "FAILED": "Failed"}
+
+
+def _check_on_partition(instance: dg.DagsterInstance, check_name: str, segment_id: str) -> CheckOnPartition:
+    key = dg.AssetCheckKey(ASSET_KEY, check_name)
+    latest = next(
+        r for r in _check_history(instance, check_name) if r.partition == segment_id and r.status.value != "PLANNED"
+    )
+    evaluation = latest.evaluation
+    target = evaluation.target_materialization_data if evaluation is not None else None
+    (info,) = instance.event_log_storage.get_asset_check_partition_info([key], partition_keys=[segment_id])
+    assert info.latest_execution_status == latest.status, (info, latest)
+    listed = _LISTED[latest.status.value] if info.is_current else "Missing"
+    return CheckOnPartition(
+        check_name, latest.status.value, latest.run_id, target.run_id if target is not None else None, listed
+    )
+
+
 def _show_asset_graph(ui: UI, partitions: list[str], materialized: set[str]) -> None:
     page = ui.page
     filled = f"{100 * len(materialized) // len(partitions)}% filled"
@@ -254,6 +341,74 @@ def _show_failed_check(ui: UI, failing_segment: str, dagster_run_id: str, remote
         page.get_by_role("tab", name="Partitions").last.click()
         expect(page.get_by_text(f"Failed ({failed})", exact=True)).to_be_visible()
         ui.shot("04-check-partitions")
+
+
+def _show_batch_run(ui: UI, run_id: str, partitions: list[str]) -> None:
+    """Runs (filtered to the batch job, as its filter writes the URL) > the run > its log, filtered
+    to the materializations of segment_matches: one per segment, each naming its partition."""
+    page = ui.page
+    with ui.step(f"the Runs page lists the {SMALL_READS_JOB} run {run_id[:8]} as succeeded"):
+        ui.goto(f"/runs?q%5B0%5D={quote(f'job:{SMALL_READS_JOB}')}")
+        link = page.locator(f'a[href="/runs/{run_id}"]', has_text=run_id[:8])
+        row = page.locator('[class*="RunsFeedRow_rowGrid"]').filter(has=link)
+        expect(row).to_have_count(1)
+        expect(row.get_by_text(SMALL_READS_JOB, exact=True)).to_be_visible()
+        expect(row.get_by_text("Success", exact=True)).to_be_visible()
+        expect(row).to_contain_text(re.compile(rf"{re.escape(BATCH_TAG)}:\s*{len(partitions)}(?!\d)"))
+        ui.shot("08-runs-batch")
+    with ui.step(f"run {run_id[:8]} shows its materializations of segment_matches for {', '.join(partitions)}"):
+        link.click()
+        expect(page).to_have_url(re.compile(f"/runs/{run_id}"))
+        # The log's filter, as typing the text into it writes the URL.
+        ui.goto(f"/runs/{run_id}?logs={quote(MATERIALIZED_MATCHES)}")
+        # Each materialization's row names its asset and partition in a small table.
+        partition_cells = (
+            page.locator("tr")
+            .filter(has=page.locator("td:first-child", has_text=re.compile(r"^partition$")))
+            .locator("td:nth-child(2)")
+        )
+        expect(partition_cells).to_have_text(partitions)
+        ui.shot("09-batch-run")
+
+
+def _show_batch_partition(ui: UI, batch: BatchRead, checks: list[CheckOnPartition]) -> dict[str, str]:
+    """The partitions view of segment_matches at the batch-read segment, then each check's
+    partitions at it (the asset's partition detail shows no checks). Returns check -> what the
+    check's "Target materialization" showed."""
+    page, segment, run_id = ui.page, batch.segment, batch.run_id
+    with ui.step(f"partition {segment} shows its latest materialization by the {SMALL_READS_JOB} run {run_id[:8]}"):
+        ui.goto("/assets/segment_matches?view=partitions")
+        page.get_by_text(segment, exact=True).filter(visible=True).first.click()
+        expect(page).to_have_url(re.compile(f"partition={segment}"))
+        expect(page.get_by_text("Latest materialization")).to_be_visible()
+        expect(page.locator(f'a[href^="/runs/{run_id}"]', has_text=run_id[:8]).first).to_be_visible()
+        expect(page.get_by_text(SMALL_READS_JOB, exact=True).first).to_be_visible()
+        ui.shot("10-batch-partition")
+    targets: dict[str, str] = {}
+    for check in checks:
+        with ui.step(
+            f"{check.name} on partition {segment}: {check.status} in run {check.run_id[:8]}, listed as {check.listed}"
+        ):
+            ui.goto(f"/assets/segment_matches?view=checks&checkDetail={check.name}")
+            # The check's tabs follow the asset's (a "Partitions" too): wait for them to be drawn.
+            expect(page.get_by_role("tab", name="Execution history")).to_be_visible()
+            page.get_by_role("tab", name="Partitions").last.click()
+            page.get_by_placeholder("Filter by partition").fill(segment)
+            # The status counts are of the partitions the filter leaves: this one.
+            expect(page.get_by_text(f"{check.listed} (1)", exact=True)).to_be_visible()
+            page.get_by_text(segment, exact=True).filter(visible=True).first.click()
+            expect(page.get_by_text("Latest execution", exact=True)).to_be_visible()
+            expect(page.locator(f'a[href^="/runs/{check.run_id}"]', has_text=check.run_id[:8]).first).to_be_visible()
+            label = {"SUCCEEDED": "Passed", "FAILED": "Failed"}[check.status]
+            expect(page.get_by_text(label, exact=True).filter(visible=True).first).to_be_visible()
+            target = page.get_by_text("Target materialization", exact=True).locator("xpath=..")
+            if check.target_run_id is None:
+                expect(target).to_contain_text("None")
+            else:
+                expect(target.locator(f'a[href="/runs/{check.target_run_id}"]')).to_be_visible()
+            targets[check.name] = target.inner_text().replace("Target materialization", "").strip()
+            ui.shot(f"11-check-{check.name}-{segment}")
+    return targets
 
 
 def _show_size_plot(ui: UI, segment_id: str, sizes: dict[str, int]) -> dict[str, int]:
@@ -342,10 +497,15 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
     evolving = deployment.evolving_segment
     with deployment.instance() as instance:
         deployment.wait_for(
-            lambda: _outcome_shown(instance, deployment) and _history_to_plot(instance, deployment),
+            lambda: (
+                _outcome_shown(instance, deployment)
+                and _history_to_plot(instance, deployment)
+                and _batch_read(instance, deployment) is not None
+            ),
             timeout=OUTCOME_TIMEOUT,
-            what="every ready segment materialized and complete, the failing segment's run_not_failed failed, and "
-            f"{PLOTTED_STEPS} materializations of segment_matches and of its membership changes for segment {evolving}",
+            what="every ready segment materialized and complete, the failing segment's run_not_failed failed, "
+            f"{PLOTTED_STEPS} materializations of segment_matches and of its membership changes for segment "
+            f"{evolving}, and a ready segment last materialized by a {SMALL_READS_JOB} run of several segments",
         )
     outcome_at = time.monotonic()
 
@@ -372,13 +532,32 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
         )
         check_run = instance.get_run_by_id(failed_record.run_id)
         assert check_run is not None
-        remote_run_id = check_run.tags[RUN_ID_TAG]
+        # The remote run the check judged. A run launched for one remote run carries its id as a tag;
+        # a batch run (several segments) does not, so read it from the verdict itself.
+        assert failed_record.evaluation is not None
+        remote_run_id = str(failed_record.evaluation.metadata[RUN_ID].value)
+        assert check_run.tags.get(RUN_ID_TAG, remote_run_id) == remote_run_id
         failed_partitions = sum(s == "FAILED" for s in _latest_check_status(instance, RUN_NOT_FAILED).values())
+        # A batch-read segment: its run, the run's segments, and what the batch logged on its checks.
+        batch = _batch_read(instance, deployment)
+        assert batch is not None
+        batch_run = instance.get_run_by_id(batch.run_id)
+        assert batch_run is not None
+        assert batch_run.tags.get(BATCH_TAG) == str(len(batch.partitions)), batch_run.tags
+        batch_checks = [_check_on_partition(instance, name, batch.segment) for name in BATCH_CHECKS]
+        for check in batch_checks:
+            assert (check.status, check.run_id) == ("SUCCEEDED", batch.run_id), (
+                f"the latest {check.name} on partition {batch.segment} is not the batch run's pass: {check}"
+            )
+            # The batch names the materialization each verdict judged, so the UI counts it as passed.
+            assert (check.listed, check.target_run_id) == ("Passed", batch.run_id), check
 
         with open_ui(deployment.webserver_url, UI_ARTIFACTS) as ui:
             _show_asset_graph(ui, partitions, materialized)
             _show_partitions(ui, partitions, materialized, chosen, chosen_record.run_id)
             _show_failed_check(ui, deployment.failing_segment, failed_record.run_id, remote_run_id, failed_partitions)
+            _show_batch_run(ui, batch.run_id, batch.partitions)
+            targets = _show_batch_partition(ui, batch, batch_checks)
             run_id = _launch_with_sort(ui, chosen, CHOSEN_SORT)
             launched_at = time.monotonic()
 
@@ -432,6 +611,10 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
         f"{paused_at - outcome_at:.0f} s, browser pages {launched_at - paused_at:.0f} s, launched run "
         f"{run_id} (partition {chosen}, sort {CHOSEN_SORT}, {len(members):,} rows) done in "
         f"{plot_at - launched_at:.0f} s, size plot ({len(plotted)} points of segment {evolving}) "
-        f"{run_done_at - plot_at:.0f} s; total {time.monotonic() - started:.0f} s\nscreenshots:\n"
+        f"{run_done_at - plot_at:.0f} s; total {time.monotonic() - started:.0f} s\n"
+        f"batch run {batch.run_id} ({SMALL_READS_JOB}, partitions {', '.join(batch.partitions)}); partition "
+        f"{batch.segment}'s checks, passed in that run, as the check's partition list shows them: "
+        + ", ".join(f"{c.name} {c.listed} (target materialization: {targets[c.name]})" for c in batch_checks)
+        + "\nscreenshots:\n"
         + "\n".join(f"  {path}" for path in screenshots)
     )

@@ -19,6 +19,7 @@ from matchall_dagster.api.errors import ActiveCampaignError, InvalidInputError, 
 from matchall_dagster.api.models import MatchAllRun
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_id, validate_sort
 from matchall_dagster.orchestration.catalog import CatalogEntry, read_catalog
+from matchall_dagster.orchestration.checks import evaluation, latest_materialization
 from matchall_dagster.orchestration.metadata import PAGE_TOTAL, SEGMENT_NAME, labelled, run_metadata
 from matchall_dagster.orchestration.names import API_POOL, MATCHES_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.partitions import segments_partitions
@@ -139,17 +140,17 @@ def read_when_ready(
 
 
 def run_verdict(
-    exc: RunFailedError | RunExpiredError, segment_id: str, run_id: str, sort: str
+    exc: RunFailedError | RunExpiredError, instance: dg.DagsterInstance, segment_id: str, run_id: str, sort: str
 ) -> dg.AssetCheckEvaluation:
-    """The failed verdict of run_not_failed or run_not_expired on a run the asset could not read."""
-    return dg.AssetCheckEvaluation(
-        asset_key=MATCHES_KEY,
+    """The failed verdict of run_not_failed or run_not_expired on a run that could not be read,
+    judged against the partition's latest materialization (so that the UI shows it there)."""
+    result = dg.AssetCheckResult(
         check_name=RUN_NOT_FAILED if isinstance(exc, RunFailedError) else RUN_NOT_EXPIRED,
         passed=False,
-        partition=segment_id,
         description=str(exc),
         metadata=run_metadata(None, run_id, sort),
     )
+    return evaluation(result, MATCHES_KEY, segment_id, latest_materialization(instance, MATCHES_KEY, segment_id))
 
 
 @dg.asset(
@@ -182,7 +183,7 @@ def segment_matches(
             matches = read_when_ready(context.log, client, segment_id, run_id, sort, config)
         except (RunFailedError, RunExpiredError) as exc:
             # The checks after this step are skipped; record the verdict on the partition here.
-            context.log_event(run_verdict(exc, segment_id, run_id or "", sort))
+            context.log_event(run_verdict(exc, context.instance, segment_id, run_id or "", sort))
             raise dg.Failure(description=str(exc)) from None
         except ActiveCampaignError as exc:
             raise dg.Failure(description=str(exc)) from None

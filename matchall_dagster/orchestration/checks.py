@@ -19,6 +19,7 @@ from pydantic import Field
 
 from matchall_dagster.api.models import RunState
 from matchall_dagster.api.validation import DEFAULT_SORT
+from matchall_dagster.orchestration.dagster_private import check_target
 from matchall_dagster.orchestration.metadata import PAGE_TOTAL, RUN_ID, RUN_STARTED_AT, run_metadata
 from matchall_dagster.orchestration.names import (
     API_POOL,
@@ -36,6 +37,7 @@ __all__ = [
     "RunCheckConfig",
     "completeness",
     "evaluation",
+    "latest_materialization",
     "matches_complete",
     "materialized_verdicts",
     "run_checks",
@@ -69,14 +71,20 @@ def _partitioned_check(name: str, description: str, *, pool: str | None = None) 
     return define
 
 
+def latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str) -> dg.EventLogRecord | None:
+    """The partition's latest materialization of `key`, or None."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    return records[0] if records and records[0].asset_materialization is not None else None
+
+
 def _materialized(context: dg.AssetCheckExecutionContext) -> dict[str, Any] | None:
     """The metadata of the partition's latest materialization, as plain values."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=MATCHES_KEY, asset_partitions=[context.partition_key]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
+    record = latest_materialization(context.instance, MATCHES_KEY, context.partition_key)
+    if record is None or record.asset_materialization is None:
         return None
-    return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
+    return {key: value.value for key, value in record.asset_materialization.metadata.items()}
 
 
 def _not_applicable(check_name: str) -> dg.AssetCheckResult:
@@ -208,8 +216,14 @@ def materialized_verdicts(
     ]
 
 
-def evaluation(result: dg.AssetCheckResult, asset_key: dg.AssetKey, partition: str) -> dg.AssetCheckEvaluation:
-    """A check's result as the event a step logs for a partition it did not run the check for."""
+def evaluation(
+    result: dg.AssetCheckResult, asset_key: dg.AssetKey, partition: str, target: dg.EventLogRecord | None
+) -> dg.AssetCheckEvaluation:
+    """A check's result as the event a step logs for a partition it did not run the check for.
+
+    `target` is the materialization judged (the partition's latest): the UI counts a verdict only
+    while it names the partition's latest materialization.
+    """
     assert result.check_name is not None
     return dg.AssetCheckEvaluation(
         asset_key=asset_key,
@@ -219,6 +233,7 @@ def evaluation(result: dg.AssetCheckResult, asset_key: dg.AssetKey, partition: s
         metadata=result.metadata,
         severity=result.severity,
         description=result.description,
+        target_materialization_data=check_target(target) if target is not None else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""The one call into Dagster's non-public API that the orchestration layer makes, kept apart.
+"""The calls into Dagster's non-public API that the orchestration layer makes, kept apart.
 
 The readiness sensor must know, for a few hundred segments at a time, the id of the latest
 observation of each partition: one grouped, indexed query in the event log storage. Dagster 1.13
@@ -9,6 +9,11 @@ query a segment, and `get_asset_records`/`get_status_by_partition` know material
 (`DagsterInstance.get_latest_storage_id_by_partition` forwards to the same storage method, from
 a mixin Dagster documents as non-public.)
 
+A batch of small segments (`small_reads`) logs the checks' verdicts on each partition it
+materializes; the UI counts a verdict only while it names the partition's latest materialization
+as its target, and the record that names it (`AssetCheckEvaluationTargetMaterializationData`) is
+not exported by Dagster 1.13 (a check run by Dagster itself gets it filled in).
+
 `matchall_dagster_tests/orchestration/test_dagster_private.py` pins the behaviour relied on, so
 an upgrade that changes it fails there, by name, rather than in the sensor.
 """
@@ -18,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 
 
 def latest_observation_ids(
@@ -28,4 +36,11 @@ def latest_observation_ids(
         return {}
     return instance.event_log_storage.get_latest_storage_id_by_partition(
         asset_key, dg.DagsterEventType.ASSET_OBSERVATION, partitions=set(partitions)
+    )
+
+
+def check_target(record: dg.EventLogRecord) -> AssetCheckEvaluationTargetMaterializationData:
+    """What a check evaluation logged outside the check's own step names as the materialization it judged."""
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
     )

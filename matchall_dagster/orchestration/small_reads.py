@@ -44,7 +44,7 @@ from matchall_dagster.orchestration.assets import (
 )
 from matchall_dagster.orchestration.catalog import read_catalog
 from matchall_dagster.orchestration.changes import changes_metadata, describe, plausibility
-from matchall_dagster.orchestration.checks import evaluation, materialized_verdicts
+from matchall_dagster.orchestration.checks import evaluation, latest_materialization, materialized_verdicts
 from matchall_dagster.orchestration.metadata import labelled
 from matchall_dagster.orchestration.names import API_POOL, BATCH_TAG, CHANGES_KEY, MATCHES_KEY, SMALL_READS_JOB
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
@@ -155,7 +155,7 @@ class _Batch:
             matches = read_when_ready(log, self.client, segment_id, read.run_id, read.sort, self.read_config)
         except (RunFailedError, RunExpiredError) as exc:
             log.warning(f"{labelled(segment_id, read.segment_name)}: {exc}")
-            self._log(run_verdict(exc, segment_id, read.run_id, read.sort))
+            self._log(run_verdict(exc, self.context.instance, segment_id, read.run_id, read.sort))
             return "run ended"
         except ActiveCampaignError as exc:
             return self._hand_back(read, exc)
@@ -184,10 +184,10 @@ class _Batch:
             summary = summarize(connection, segment_id)
             metadata = {**metadata, **stored_metadata(self.duckdb.database, matches.total)}
             self._log(dg.AssetMaterialization(MATCHES_KEY, partition=segment_id, metadata=metadata))
-            record = self._latest(segment_id)
+            record = self._latest(MATCHES_KEY, segment_id)
             stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]
             for result in materialized_verdicts(stored, summary, datetime.now(UTC)):
-                self._log(evaluation(result, MATCHES_KEY, segment_id))
+                self._log(evaluation(result, MATCHES_KEY, segment_id, record))
             step = record_step(
                 connection,
                 segment_id,
@@ -197,19 +197,18 @@ class _Batch:
             )
         self.context.log.info(describe(step))
         self._log(dg.AssetMaterialization(CHANGES_KEY, partition=segment_id, metadata=changes_metadata(step)))
-        self._log(evaluation(plausibility(step, self.max_share), CHANGES_KEY, segment_id))
+        changes = self._latest(CHANGES_KEY, segment_id)
+        self._log(evaluation(plausibility(step, self.max_share), CHANGES_KEY, segment_id, changes))
 
     def _log(self, event: dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckEvaluation) -> None:
         # An op's `log_event` handles check evaluations (as an asset's does); its annotation omits them.
         self.context.log_event(event)  # type: ignore[arg-type]
 
-    def _latest(self, segment_id: str) -> dg.EventLogRecord:
-        """The materialization just logged: its storage id keys the history step, as the asset's would."""
-        (record,) = self.context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=MATCHES_KEY, asset_partitions=[segment_id]), limit=1
-        ).records
-        if record.run_id != self.context.run_id:
-            raise RuntimeError(f"The latest materialization of partition {segment_id} is not this run's.")
+    def _latest(self, key: dg.AssetKey, segment_id: str) -> dg.EventLogRecord:
+        """The materialization just logged: the target of its checks; its storage id keys the history step."""
+        record = latest_materialization(self.context.instance, key, segment_id)
+        if record is None or record.run_id != self.context.run_id:
+            raise RuntimeError(f"The latest materialization of {key.to_user_string()}[{segment_id}] is not this run's.")
         return record
 
     def _hand_back(self, read: SmallRead, exc: Exception) -> str:

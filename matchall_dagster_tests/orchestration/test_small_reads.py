@@ -58,15 +58,16 @@ def latest(instance: dg.DagsterInstance, key: dg.AssetKey, segment_id: str) -> d
 
 
 def verdicts(instance: dg.DagsterInstance, key: dg.AssetKey, segment_id: str) -> dict[str, bool]:
-    """The latest evaluation of each check on the partition, as the instance recorded it."""
+    """Each check's verdict on the partition as the UI lists it: its latest evaluation, counted only
+    while it names the partition's latest materialization as its target (`is_current`)."""
     found: dict[str, bool] = {}
-    for name in (*CHECKS, PLAUSIBLE):
-        history = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(key, name), limit=100)
-        for record in history:  # newest first
-            if record.partition == segment_id and isinstance(record.evaluation, dg.AssetCheckEvaluation):
-                assert (record.status.value == "SUCCEEDED") == record.evaluation.passed
-                found[name] = record.evaluation.passed
-                break
+    names = [name for name in (*CHECKS, PLAUSIBLE) if (name == PLAUSIBLE) == (key == CHANGES_KEY)]
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [dg.AssetCheckKey(key, name) for name in names], partition_keys=[segment_id]
+    )
+    for info in infos:
+        assert info.is_current, f"{info.check_key.name} on {segment_id} does not judge the latest materialization"
+        found[info.check_key.name] = info.latest_execution_status.value == "SUCCEEDED"
     return found
 
 
