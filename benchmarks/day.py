@@ -1,9 +1,10 @@
 """The whole simulated day, end to end, with the real Dagster daemon: today's runs against the batches.
 
 `python -m benchmarks.day [--segments N] [--baseline-segments M]` prints a report (`--json` for one
-JSON line, `--out NAME` to save `benchmarks/results/NAME.json` and `.md`). At the account's real
-5 requests/s a day of N segments lasts about N / 50 minutes (1,000 segments: about 20 minutes);
-the baseline of M small segments a few minutes more.
+JSON line, `--out NAME` to save `benchmarks/results/NAME.json` and `.md`; progress lines go to
+stderr). Its floor at the account's real 5 requests/s is about N / 1,000 x 16 minutes; on 2 cores
+the day measured 1.9 times that (1,000 segments: 31 minutes), the baseline of 40 small segments 6
+minutes more. The full 10,000 would take hours.
 
 Each day is a deployment of its own, started as the project's end-to-end tests start theirs:
 
@@ -14,7 +15,12 @@ Each day is a deployment of its own, started as the project's end-to-end tests s
   the sensors (discovery, readiness) and starts a process per run (the default run launcher; a
   `multiprocessing` spawn child of the code server, not an `api execute_run` command line); the
   daemon itself evaluates the automation sensor of `segment_membership_changes` and dequeues runs.
+  The daemon reloads its workspace every 60 s, starting a fresh code server each time (the old one
+  ends 20 s after its last heartbeat): their CPU is reported with the code server's.
   `MATCHALL_KICKOFF_CRON` is set 12 hours away so that the schedule never fires during the day.
+  The deployment imports a copy of `matchall_dagster` made when the day starts (first on its
+  PYTHONPATH; `--live-code` for the working tree), so that edits made meanwhile do not reach the
+  day's runs halfway; the report names the copy's digest.
 - The simulator in a process of its own on 127.0.0.1 (an ephemeral port), enforcing the account's
   5 requests/s, with N segments of realistic sizes (`SIZE_MIX`: 85 % of one page or less, many
   under 1,000 members, a tail of a few up to 1,000,000; 0.5 % whose runs fail). A run turns ready
@@ -42,16 +48,19 @@ Measured, and printed for each day side by side:
   change stored, against the requests the simulator served in that span (429s excluded) ÷ 5/s;
   the requests by kind (starts, polls, reads, listings: reads are the `requests` the
   materializations record, polls the other result-set requests), 429s, the most in any second.
-- **CPU of the run processes**: every descendant of the daemon is sampled with psutil every
+- **CPU of the run processes**: every descendant of this process is sampled with psutil every
   `--sample-interval` s (0.2): its last user + system time, resident memory and command line. A run
   is matched to its process by the pid in its "Started process for run (pid: N)" event, and gets
   the CPU of that process and of its own descendants. CPU per segment by size class: small (one
   page or less: the batches, or today the reads and the changes of small partitions) and large
   (their reads and changes), over the segments stored; the kick-off and the catalog apart, and the
   check runs of failed remote runs apart. The cross-check: `getrusage(RUSAGE_CHILDREN)` of this
-  process over the day (the daemon, reaped at the end, with everything it and its code server
-  reaped) less the long-lived processes' last sampled times; the difference with the sampled sum is
-  the CPU the sampler could not see (a process's last 0.2 s, and the long-lived ones' shutdown).
+  process over the day less the last sampled times of every process that is not a run's (daemon,
+  code servers, multiprocessing's resource trackers); the difference with the sampled sum is the
+  CPU the sampler could not see (a process's last 0.2 s, shutdowns). For RUSAGE_CHILDREN to hold
+  everything, this process makes itself a child subreaper (prctl): the code server the daemon
+  leaves behind when it stops, and a run's helpers (`tail -F` of its compute logs, Dagster's
+  `watch_orphans.py`) when the run's process ends first, become its children and are reaped here.
 - **Runs launched**: total, per job, per 1,000 small segments; runs of `segment_membership_changes`
   launched for small partitions (none expected with batches on); failed runs.
 - **Memory**: the peak of the summed RSS of the deployment's processes (with and without the
@@ -68,6 +77,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import hashlib
 import json
 import math
 import os
@@ -280,10 +291,10 @@ def _vm_hwm_mb(pid: int) -> float:
 
 
 class Sampler:
-    """Samples the daemon's process tree (and the simulator) every `interval` seconds."""
+    """Samples every descendant of this process (the daemon's tree, what it orphaned, the simulator)
+    every `interval` seconds."""
 
-    def __init__(self, daemon_pid: int, simulator_pid: int, interval: float) -> None:
-        self.daemon_pid = daemon_pid
+    def __init__(self, simulator_pid: int, interval: float) -> None:
         self.simulator_pid = simulator_pid
         self.interval = interval
         self.procs: dict[tuple[int, float], Proc] = {}
@@ -314,14 +325,14 @@ class Sampler:
         stack = 0.0
         simulator = 0.0
         processes: list[psutil.Process] = []
-        for root in (self.daemon_pid, self.simulator_pid):
-            with contextlib.suppress(psutil.Error):
-                process = psutil.Process(root)
-                processes += [process, *process.children(recursive=True)]
+        with contextlib.suppress(psutil.Error):
+            processes = psutil.Process().children(recursive=True)
         with self._lock:
             for process in processes:
                 try:
                     with process.oneshot():
+                        if process.status() == psutil.STATUS_ZOMBIE:
+                            continue
                         times = process.cpu_times()
                         rss = process.memory_info().rss / 2**20
                         key = (process.pid, process.create_time())
@@ -330,6 +341,8 @@ class Sampler:
                             proc = Proc(process.pid, process.ppid(), key[1], " ".join(process.cmdline()))
                             proc.first_seen = now
                             self.procs[key] = proc
+                        elif now - proc.first_seen < 2.0:  # a fresh fork shows its parent's until it execs
+                            proc.cmdline = " ".join(process.cmdline())
                 except psutil.Error:
                     continue
                 proc.cpu_s = times.user + times.system
@@ -344,11 +357,30 @@ class Sampler:
         self.peak_stack_mb = max(self.peak_stack_mb, stack)
         self.peak_with_simulator_mb = max(self.peak_with_simulator_mb, stack + simulator)
 
-    def alive_tree(self) -> list[Proc]:
-        """Processes of the daemon's tree seen in the last sample (to kill what is left on exit)."""
-        with self._lock:
-            newest = max((p.last_seen for p in self.procs.values()), default=0.0)
-            return [p for p in self.procs.values() if p.last_seen == newest and p.pid != self.simulator_pid]
+
+def become_subreaper() -> bool:
+    """Orphans of our descendants (the code server once the daemon is gone, a run's helpers once
+    its process is gone) become our children: reaped by us, their CPU counts in RUSAGE_CHILDREN."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap(keep: set[int]) -> int:
+    """Waits for our children that ended (except `keep`: the Popen objects' own); how many are left."""
+    left = 0
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children():
+            if child.pid in keep:
+                continue
+            try:
+                pid, _ = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            left += pid == 0
+    return left
 
 
 def assign_roles(procs: list[Proc], daemon_pid: int, simulator_pid: int) -> None:
@@ -416,8 +448,23 @@ class Progress:
         return [s for s in segments if s not in self.changes or self.changes[s][0] < self.matches.get(s, (0, 0))[0]]
 
 
-def _children_env(home: Path, url: str, batch: int) -> dict[str, str]:
+def snapshot_code(folder: Path) -> str:
+    """A copy of the package in `folder`, first on the deployment's PYTHONPATH: the day runs one
+    version of the code even when the working tree is edited meanwhile (the daemon starts a fresh
+    code server every minute, and each run imports the code again). Its digest."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "matchall_dagster", folder / "matchall_dagster", ignore=ignore)
+    digest = hashlib.sha256()
+    for path in sorted((folder / "matchall_dagster").rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _children_env(home: Path, url: str, batch: int, code: Path | None) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith(("MATCHALL_", "DAGSTER_"))}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     away = (datetime.now(UTC).hour + 12) % 24
     env.update(
         DAGSTER_HOME=str(home),
@@ -450,9 +497,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _stop_daemon(daemon: subprocess.Popen[bytes], sampler: Sampler | None, grace: float = 60.0) -> bool:
-    """SIGINT to the daemon alone (it shuts its code server down), waited for; then SIGKILL to its
-    group and to any process of its tree left. True when it ended by itself."""
+def _stop_daemon(daemon: subprocess.Popen[bytes], simulator_pid: int, grace: float = 60.0) -> bool:
+    """SIGINT to the daemon alone, waited for; then its code server, orphaned to us, is given the
+    time to end by itself (it stops 20 s after the daemon's last heartbeat), and reaped; then
+    SIGKILL to the group and to any descendant left. True when everything ended by itself."""
     clean = True
     if daemon.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -461,15 +509,22 @@ def _stop_daemon(daemon: subprocess.Popen[bytes], sampler: Sampler | None, grace
             daemon.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             clean = False
+    keep = {daemon.pid, simulator_pid}
+    deadline = time.monotonic() + (grace if clean else 0.0)
+    while reap(keep) and time.monotonic() < deadline:
+        time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(daemon.pid, signal.SIGKILL)
-    for proc in sampler.alive_tree() if sampler is not None else []:
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(proc.pid)
-            if abs(process.create_time() - proc.created) < 0.01:
-                process.kill()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            if child.pid != simulator_pid:
+                clean = False
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
     if daemon.poll() is None:
         daemon.wait(timeout=10)
+    while reap(keep):
+        time.sleep(0.1)
     return clean
 
 
@@ -486,6 +541,7 @@ def run_day(
     stall: float,
     keep_logs: Path | None,
     verbose: bool,
+    snapshot: bool,
 ) -> dict[str, Any]:
     """One day in a deployment of its own; its figures (see the module's docstring)."""
     account = build_account(count, seed, kind, ready_scale)
@@ -502,7 +558,9 @@ def run_day(
         shutil.copy(INSTANCE_YAML, home / "dagster.yaml")
         simulator = SimulatorProcess(count, seed, kind, ready_scale)
         stack.callback(simulator.kill)
-        env = _children_env(home, simulator.url, batch)
+        code = home / "code" if snapshot else None
+        digest = snapshot_code(code) if code is not None else "live working tree"
+        env = _children_env(home, simulator.url, batch, code)
         instance = stack.enter_context(_instance(env, home))  # creates the SQLite schema before the daemon
         daemon_log = home / "daemon.log"
         children_before = _children_cpu()
@@ -516,12 +574,12 @@ def run_day(
                 start_new_session=True,
             )
         daemon_started = time.time()
-        sampler = Sampler(daemon.pid, simulator.process.pid, interval)
+        sampler = Sampler(simulator.process.pid, interval)
         stopped = {"clean": False}
 
         def stop() -> None:
+            stopped["clean"] = _stop_daemon(daemon, simulator.process.pid)
             sampler.stop()
-            stopped["clean"] = _stop_daemon(daemon, sampler)
 
         stack.callback(stop)
         sampler.start()
@@ -530,6 +588,7 @@ def run_day(
         kickoff_seen = False
         while True:
             time.sleep(5.0)
+            reap({daemon.pid, simulator.process.pid})
             if daemon.poll() is not None:
                 outcome = f"the daemon exited with code {daemon.returncode}"
                 break
@@ -550,13 +609,8 @@ def run_day(
             if kickoff_seen and not in_progress and time.time() - progress.last_event > stall:
                 outcome = f"stalled: nothing in progress for {stall:.0f} s with {len(missing)} segment(s) not stored"
                 break
-        day_ended = time.time()
+        stopped["clean"] = _stop_daemon(daemon, simulator.process.pid)  # sampled until every process is gone
         sampler.stop()
-        sampler.sample()  # the long-lived processes' times as late as possible
-        long_lived_cpu = sum(
-            p.cpu_s for p in sampler.procs.values() if p.pid != simulator.process.pid and p.last_seen >= day_ended
-        )
-        stopped["clean"] = _stop_daemon(daemon, sampler)
         children_cpu = _children_cpu() - children_before
         sim_stats = simulator.finish()
         if keep_logs is not None:
@@ -564,10 +618,11 @@ def run_day(
             shutil.copy(daemon_log, keep_logs / f"daemon-{label}.log")
         procs = list(sampler.procs.values())
         assign_roles(procs, daemon.pid, simulator.process.pid)
+        long_lived_cpu = sum(p.cpu_s for p in procs if p.role in ("daemon", "code server", "other"))
         runs = [record.dagster_run for record in instance.get_run_records()]
         run_rows = _runs(instance, runs, procs, sizes)
         log_text = daemon_log.read_text(errors="replace")
-    return _figures(
+    figures = _figures(
         label=label,
         kind=kind,
         count=count,
@@ -587,6 +642,8 @@ def run_day(
         log_text=log_text,
         benchmark_wall=time.time() - started,
     )
+    figures["code"] = digest
+    return figures
 
 
 def _logger(verbose: bool, label: str) -> Any:
@@ -617,8 +674,8 @@ def _run_kind(run: dg.DagsterRun) -> str:
         return "catalog"
     if run.job_name == SMALL_READS_JOB:
         return "batch"
-    if run.job_name == MATCHES_JOB:
-        return "matches" if run.asset_selection else "check"
+    if run.job_name == MATCHES_JOB:  # a check alone: an empty asset selection (readiness.check_request)
+        return "check" if run.asset_selection is not None and not run.asset_selection else "matches"
     if run.asset_selection and CHANGES_KEY in run.asset_selection:
         return "changes"
     return "other"
@@ -658,7 +715,7 @@ def _runs(
         worker = None
         if pid is not None:
             moment = start or time.time()
-            candidates = [p for p in by_pid.get(pid, []) if p.role == "run worker" and p.created <= moment + 1]
+            candidates = [p for p in by_pid.get(pid, []) if p.created <= moment + 1]
             worker = max(candidates, key=lambda p: p.created, default=None)
         cpu = None
         peak = 0.0
@@ -747,7 +804,7 @@ def _figures(
     for proc in procs:
         role_cpu[proc.role] += proc.cpu_s
     sampled_runs = role_cpu["run worker"] + role_cpu["run helper"]
-    runs_by_rusage = children_cpu - long_lived_cpu
+    runs_by_rusage = children_cpu - long_lived_cpu  # the daemon's tree: the simulator is reaped later
     workers = [p for p in procs if p.role == "run worker"]
     levels = Counter(match.group(1) for match in _LEVEL.finditer(log_text))
     error_lines = [line for line in log_text.splitlines() if _LEVEL.search(line) and " - WARNING - " not in line]
@@ -797,7 +854,7 @@ def _figures(
         "cross_check": {
             "sampled_run_processes_s": _r(sampled_runs, 1),
             "rusage_children_s": _r(children_cpu, 1),
-            "long_lived_last_sampled_s": _r(long_lived_cpu, 1),
+            "other_processes_last_sampled_s": _r(long_lived_cpu, 1),
             "run_processes_by_rusage_s": _r(runs_by_rusage, 1),
             "difference_s": _r(runs_by_rusage - sampled_runs, 1),
             "difference_share": _r((runs_by_rusage - sampled_runs) / sampled_runs if sampled_runs else None),
@@ -806,6 +863,7 @@ def _figures(
         "daemon_cpu_s": _r(role_cpu["daemon"], 1),
         "code_server_cpu_s": _r(role_cpu["code server"], 1),
         "other_processes_cpu_s": _r(role_cpu["other"], 1),
+        "code_servers_started": sum(1 for p in procs if p.role == "code server"),
         "simulator_cpu_s": _r(sim_stats["cpu_s"], 1),
         "sampler_cpu_s": _r(sampler.sample_cpu_s, 1),
         # runs
@@ -816,6 +874,9 @@ def _figures(
         "changes_runs_for_small_partitions": small_changes_runs,
         "runs_failed": [f"{row.job} {','.join(row.partitions[:3])}" for row in failed][:20],
         "runs_failed_count": len(failed),
+        "batch_runs_segments_and_cpu_s": [
+            [len(row.partitions), _r(row.cpu_s, 2)] for row in run_rows if row.kind == "batch"
+        ],
         # memory
         "peak_rss_mb_deployment": _r(sampler.peak_stack_mb, 0),
         "peak_rss_mb_with_simulator": _r(sampler.peak_with_simulator_mb, 0),
@@ -826,6 +887,8 @@ def _figures(
         "daemon_log_errors": [line[:300] for line in error_lines[:10]],
         "daemon_log_warnings": [line[:300] for line in warning_lines[:10]],
         "daemon_log_tracebacks": log_text.count("Traceback"),
+        "daemon_log_429s": log_text.count("429 Too Many Requests"),
+        "daemon_log_code_server_heartbeat_shutdowns": log_text.count("No heartbeat received"),
         "processes_seen": Counter(p.role for p in procs),
         "samples": sampler.samples,
         "benchmark_wall_s": _r(benchmark_wall, 1),
@@ -857,7 +920,8 @@ ROWS = (
     ("daemon CPU; code server CPU; simulator CPU (s)", None),
     ("peak summed RSS: deployment / with simulator (MB)", None),
     ("largest run process (MB)", "largest_run_process_mb"),
-    ("daemon log: errors / warnings / tracebacks", None),
+    ("daemon log: errors / warnings / tracebacks / 429s", None),
+    ("code servers started (the daemon reloads its workspace)", "code_servers_started"),
     ("benchmark wall (s)", "benchmark_wall_s"),
 )
 
@@ -893,8 +957,8 @@ def cell(day: dict[str, Any], name: str, key: str | None) -> str:
         f"{_fmt(day['code_server_cpu_s'])}; {_fmt(day['simulator_cpu_s'])}",
         "peak summed RSS: deployment / with simulator (MB)": f"{_fmt(day['peak_rss_mb_deployment'])} / "
         f"{_fmt(day['peak_rss_mb_with_simulator'])}",
-        "daemon log: errors / warnings / tracebacks": f"{day['daemon_log_levels'].get('ERROR', 0)} / "
-        f"{day['daemon_log_levels'].get('WARNING', 0)} / {day['daemon_log_tracebacks']}",
+        "daemon log: errors / warnings / tracebacks / 429s": f"{day['daemon_log_levels'].get('ERROR', 0)} / "
+        f"{day['daemon_log_levels'].get('WARNING', 0)} / {day['daemon_log_tracebacks']} / {day['daemon_log_429s']}",
     }
     return values[name]
 
@@ -935,6 +999,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stall", type=float, default=300.0, help="end a day with nothing in progress this long")
     parser.add_argument("--keep-logs", type=Path, help="copy each day's daemon log into this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--live-code", action="store_true", help="the deployment imports the working tree, not a copy made at the start"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line instead of the report")
     parser.add_argument("--out", help="also save benchmarks/results/OUT.json and OUT.md")
     parser.add_argument("--serve", choices=("mixed", "small"), help=argparse.SUPPRESS)  # the simulator's process
@@ -942,6 +1009,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         serve(args.segments, args.seed, args.serve, args.ready_scale)
         return
+    subreaper = become_subreaper()
     options = {
         "seed": args.seed,
         "ready_scale": args.ready_scale,
@@ -950,10 +1018,12 @@ def main(argv: list[str] | None = None) -> None:
         "stall": args.stall,
         "keep_logs": args.keep_logs,
         "verbose": not args.quiet,
+        "snapshot": not args.live_code,
     }
     report: dict[str, Any] = {
         "command": " ".join(["python -m benchmarks.day", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "load_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "subreaper": subreaper,
     }
     if args.baseline_segments:
         report["baseline"] = run_day("baseline", "small", args.baseline_segments, 0, **options)

@@ -31,6 +31,8 @@ RESULT_TITLES = {
     "budget-1m-400ms.md": "The request budget: 1,000,000 members at 400 ms with the budget in memory, SQLite and "
     "PostgreSQL, side by side",
     "budget-cost.md": "The request budget: the cost of the shared store (`python -m benchmarks.budget_cost`)",
+    "day-500.md": "The whole day with the real daemon, 500 segments: today's runs against the batches "
+    "(`python -m benchmarks.day --segments 500`)",
     "latest.md": "The latest full matrix (`./scripts/bench.sh`)",
     "restructured-1m-400ms.md": "1,000,000 members at 400 ms after the restructuring (issue 12), side by side",
     "quiet-1m-400ms.md": "1,000,000 members at 400 ms on a quiet machine, side by side (before it)",

@@ -93,12 +93,24 @@ def changes_metadata(step: Step) -> dict[str, Any]:
     }
 
 
-# Eager, except after a batch run of small segments: that run records the changes of every
-# partition it materializes itself (see `small_reads`), so a run of this asset would be one process
-# per segment again, for a step already recorded.
-CHANGES_AUTOMATION = dg.AutomationCondition.eager() & ~dg.AutomationCondition.any_deps_match(
-    dg.AutomationCondition.executed_with_tags(tag_keys={BATCH_TAG})
-)
+# Eager, except for the materializations of segment_matches made by a batch of small segments:
+# the batch records their changes itself (see `small_reads`), so a run of this asset would be one
+# process per segment again, for a step already recorded. Dagster's `executed_with_tags` looks at
+# an asset's latest materialization over all partitions, so the updates are filtered by the tags of
+# the runs that made them, per partition (`all_new_updates_have_run_tags`): such an update never
+# triggers a run. A partition read for the first time is missing here, which triggers a run as soon
+# as segment_matches has one; the batch materializes both milliseconds apart, and the last term keeps
+# a tick that falls between the two from requesting it.
+_FROM_BATCH = dg.AutomationCondition.all_new_updates_have_run_tags(tag_keys={BATCH_TAG})
+CHANGES_AUTOMATION = (
+    dg.AutomationCondition.eager().replace(
+        "newly_updated_without_root",
+        (
+            dg.AutomationCondition.newly_updated() & ~dg.AutomationCondition.executed_with_root_target() & ~_FROM_BATCH
+        ).with_label("newly_updated_without_root_or_batch"),
+    )
+    & ~dg.AutomationCondition.any_deps_match(_FROM_BATCH)
+).with_label("eager, except what a batch of small segments records")
 
 
 def _plausible_spec() -> dg.AssetCheckSpec:

@@ -141,7 +141,6 @@ class _Read:
     matches: MatchList
     metadata: dict[str, Any]
     summary: PartitionSummary | None = None
-    record: dg.EventLogRecord | None = None  # its materialization of segment_matches
     step: Step | None = None
 
     @property
@@ -207,28 +206,15 @@ class _Batch:
         return _Read(read, matches, {**metadata, **stored_metadata(self.duckdb.database, matches.total)})
 
     def store(self, items: list[_Read]) -> None:
-        """Store and judge the segments read, in passes over the batch: rows, then the materializations and
-        verdicts, then the history steps and their events. The DuckDB file is opened twice a batch rather
-        than twice a segment (an opening costs tens of milliseconds, a quarter of a small segment's CPU) and
-        is never held while the API is waited for."""
+        """Store and judge the segments read: their rows on one connection, then on another each
+        segment's events and history step, its two materializations milliseconds apart (see
+        `changes.CHANGES_AUTOMATION`). The DuckDB file is opened twice a batch rather than twice a
+        segment (an opening costs tens of milliseconds) and is never held while the API is waited for."""
         written = self._each(items, self._write)
-        for item in written:
-            self._log(dg.AssetMaterialization(MATCHES_KEY, partition=item.segment_id, metadata=item.metadata))
-        now = datetime.now(UTC)
-        judged = []
-        for item, record in self._latest(MATCHES_KEY, written):
-            item.record = record
-            stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]
-            assert item.summary is not None
-            for result in materialized_verdicts(stored, item.summary, now):
-                self._log(evaluation(result, MATCHES_KEY, item.segment_id, record))
-            judged.append(item)
-        recorded = self._each(judged, self._record_step)
-        steps = {item.segment_id: item.step for item in recorded if item.step is not None}
-        for segment_id, step in steps.items():
-            self._log(dg.AssetMaterialization(CHANGES_KEY, partition=segment_id, metadata=changes_metadata(step)))
+        recorded = self._each(written, self._record)
         for item, record in self._latest(CHANGES_KEY, recorded):
-            verdict = plausibility(steps[item.segment_id], self.max_share)
+            assert item.step is not None
+            verdict = plausibility(item.step, self.max_share)
             self._log(evaluation(verdict, CHANGES_KEY, item.segment_id, record))
             self.stored += 1
 
@@ -253,15 +239,23 @@ class _Batch:
         replace_partition(connection, item.segment_id, members_frame(item.segment_id, item.matches.contact_ids))
         item.summary = summarize(connection, item.segment_id)
 
-    def _record_step(self, connection: Any, item: _Read) -> None:
-        assert item.record is not None
+    def _record(self, connection: Any, item: _Read) -> None:
+        """The materialization of `segment_matches`, its verdicts, the history step, the materialization of
+        `segment_membership_changes`: as the asset, its checks and the history asset would record them."""
+        self._log(dg.AssetMaterialization(MATCHES_KEY, partition=item.segment_id, metadata=item.metadata))
+        ((_, record),) = self._latest(MATCHES_KEY, [item])
+        stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]
+        assert item.summary is not None
+        for result in materialized_verdicts(stored, item.summary, datetime.now(UTC)):
+            self._log(evaluation(result, MATCHES_KEY, item.segment_id, record))
         item.step = record_step(
             connection,
             item.segment_id,
-            source=str(item.record.storage_id),  # as the asset's: a later run of it appends nothing twice
+            source=str(record.storage_id),  # as the asset's: a later run of it appends nothing twice
             run_id=item.matches.run.run_id,
-            observed_at=datetime.fromtimestamp(item.record.timestamp, UTC),
+            observed_at=datetime.fromtimestamp(record.timestamp, UTC),
         )
+        self._log(dg.AssetMaterialization(CHANGES_KEY, partition=item.segment_id, metadata=changes_metadata(item.step)))
 
     def _log(self, event: dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckEvaluation) -> None:
         # An op's `log_event` handles check evaluations (as an asset's does); its annotation omits them.
@@ -283,12 +277,10 @@ class _Batch:
                 latest.setdefault(record.partition_key, record)
         for item in items:
             found = latest.get(item.segment_id)
-            if found is None or found.run_id != self.context.run_id:
-                self.context.log.warning(
-                    f"Partition {item.segment_id} of {key.to_user_string()} was materialized by another run meanwhile; "
-                    f"that run's checks judge it."
+            if found is None or found.run_id != self.context.run_id:  # a run of its own, just now: rare
+                raise RuntimeError(
+                    f"Partition {item.segment_id} of {key.to_user_string()} was materialized by another run meanwhile."
                 )
-                continue
             yield item, found
 
     def _hand_back(self, read: SmallRead, exc: Exception) -> str:

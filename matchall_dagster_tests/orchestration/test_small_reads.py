@@ -199,3 +199,31 @@ def test_batches_hold_at_most_the_configured_number_of_segments(
     data = tick(instance, defs, READINESS)
     assert {request.job_name for request in data.run_requests} == {"segment_matches_job"}
     assert sorted(read.segment_id for read in reads_of(data)) == ["1", "9999"]
+
+
+def test_a_tick_between_a_batch_s_two_materializations_requests_nothing(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automation's tick lands after a batch's materialization of segment_matches and before its
+    materialization of segment_membership_changes (here: the batch stops in between)."""
+    selection = dg.AssetSelection.assets(CHANGES_KEY)
+    record_pending(instance, server, "1")
+    assert run_requests(defs, instance, tick(instance, defs, READINESS).run_requests)[0].success  # read before
+    evaluated = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+
+    def matches_only(self: Any, connection: Any, item: Any) -> None:
+        self._log(dg.AssetMaterialization(MATCHES_KEY, partition=item.segment_id, metadata=item.metadata))
+
+    monkeypatch.setattr(f"{small_reads.__name__}._Batch._record", matches_only)
+    record_pending(instance, server, "1", "9999")  # 1 again, 9999 for the first time
+    (stopped,) = run_requests(defs, instance, tick(instance, defs, READINESS).run_requests)
+    assert not stopped.success  # it stopped before the history
+    for segment_id in ("1", "9999"):
+        matches = latest(instance, MATCHES_KEY, segment_id)
+        assert matches is not None
+        assert matches.run_id == stopped.run_id
+    for expected in (set(), {"9999"}):  # a first read left without its changes is taken up one tick later
+        evaluated = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=evaluated.cursor
+        )
+        assert evaluated.get_requested_partitions(CHANGES_KEY) == expected
