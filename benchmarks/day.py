@@ -102,6 +102,7 @@ from typing import Any
 import dagster as dg
 import psutil
 
+from benchmarks.run import vm_hwm_mb
 from matchall_dagster.lifecycle import policy
 from matchall_dagster.orchestration.names import (
     CATALOG_JOB,
@@ -280,16 +281,6 @@ class Proc:
     role: str = "other"
 
 
-def _vm_hwm_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 class Sampler:
     """Samples every descendant of this process (the daemon's tree, what it orphaned, the simulator)
     every `interval` seconds."""
@@ -347,7 +338,7 @@ class Sampler:
                     continue
                 proc.cpu_s = times.user + times.system
                 proc.rss_peak_mb = max(proc.rss_peak_mb, rss)
-                proc.hwm_mb = max(proc.hwm_mb, _vm_hwm_mb(process.pid))
+                proc.hwm_mb = max(proc.hwm_mb, vm_hwm_mb(process.pid))
                 proc.last_seen = now
                 if process.pid == self.simulator_pid:
                     simulator += rss

@@ -170,7 +170,8 @@ class Sim:
 # -- measuring a tool's process tree --------------------------------------------------------------
 
 
-def _vm_hwm_mb(pid: int) -> float:
+def vm_hwm_mb(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), in MB; 0 once it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -201,7 +202,7 @@ class TreeSampler:
                     for process in [root, *root.children(recursive=True)]:
                         with contextlib.suppress(psutil.Error):
                             total += process.memory_info().rss / 2**20
-                            self.peak_process_mb = max(self.peak_process_mb, _vm_hwm_mb(process.pid))
+                            self.peak_process_mb = max(self.peak_process_mb, vm_hwm_mb(process.pid))
                             if process.pid not in self.processes:
                                 self.processes[process.pid] = " ".join(process.cmdline()[1:4])
             self.peak_tree_mb = max(self.peak_tree_mb, total)
