@@ -12,7 +12,8 @@ a mixin Dagster documents as non-public.)
 A batch of small segments (`small_reads`) logs the checks' verdicts on each partition it
 materializes; the UI counts a verdict only while it names the partition's latest materialization
 as its target, and the record that names it (`AssetCheckEvaluationTargetMaterializationData`) is
-not exported by Dagster 1.13 (a check run by Dagster itself gets it filled in).
+not exported by Dagster 1.13 (a check run by Dagster itself gets it filled in); its import is in
+`storage.dagster_private`, with the package's other private imports.
 
 `matchall_dagster_tests/orchestration/test_dagster_private.py` pins the behaviour relied on, so
 an upgrade that changes it fails there, by name, rather than in the sensor.
@@ -23,9 +24,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 import dagster as dg
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData,
-)
+
+from matchall_dagster.storage.dagster_private import AssetCheckEvaluationTargetMaterializationData
 
 
 def latest_observation_ids(
