@@ -289,15 +289,8 @@ class _Batch:
             f"Could not read {labelled(read.segment_id, read.segment_name)} in this batch: {exc} It goes back to "
             f"the readiness sensor, to be read in a run of its own."
         )
-        record = PendingRecord(
-            run_id=read.run_id,
-            sort=read.sort,
-            run_started_at=read.run_started_at,
-            attempt=read.attempt,
-            kickoff=read.kickoff,
-            segment_name=read.segment_name,
-            alone=True,
-        )
+        # The read holds the pending record's fields (batch_requests copied them from it), the polls aside.
+        record = PendingRecord(**read.model_dump(exclude={"segment_id", "polls"}), alone=True)
         self._log(
             dg.AssetObservation(
                 MATCHES_KEY,
