@@ -104,14 +104,7 @@ import psutil
 
 from benchmarks.run import vm_hwm_mb
 from matchall_dagster.lifecycle import policy
-from matchall_dagster.orchestration.names import (
-    CATALOG_JOB,
-    CHANGES_KEY,
-    KICKOFF_JOB,
-    MATCHES_JOB,
-    MATCHES_KEY,
-    SMALL_READS_JOB,
-)
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.settings import Settings
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
@@ -132,6 +125,12 @@ WORKSPACE = REPO / "workspace.yaml"
 ACCOUNT_RATE = policy.ACCOUNT_REQUESTS_PER_SECOND  # the account's 5/s, the simulator's limit too
 SMALL_MAX = 10_000  # one page: the readiness sensor's `is_small` (small_reads.SMALL_MAX_MEMBERS)
 DEFAULT_BATCH = Settings.model_fields["small_batch_segments"].default
+MATCHES_KEY = DEFAULT_ACCOUNT.matches_key
+CHANGES_KEY = DEFAULT_ACCOUNT.changes_key
+KICKOFF_JOB = DEFAULT_ACCOUNT.name("match_all_kickoff_job")
+CATALOG_JOB = DEFAULT_ACCOUNT.name("activecampaign_segments_job")
+MATCHES_JOB = DEFAULT_ACCOUNT.name("segment_matches_job")
+SMALL_READS_JOB = DEFAULT_ACCOUNT.name("read_small_segments")
 # Segment sizes: (share of segments, smallest, largest members), log-uniform within a band.
 SIZE_MIX = (
     (0.01, 0, 0),

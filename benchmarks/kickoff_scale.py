@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from matchall_dagster import ActiveCampaignResource
+from matchall_dagster.definitions import account_definitions
 from matchall_dagster.lifecycle.record import STATUS
-from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, match_all_kickoff_job, started_segments
-from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
-from matchall_dagster.settings import BUDGET_FILE, duckdb_path
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
+from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, started_segments
+from matchall_dagster.settings import BUDGET_FILE
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
     SimAccount,
@@ -77,9 +77,9 @@ def kickoff_job() -> dg.JobDefinition:
         requests_per_second=float(os.environ[RATE_VARIABLE]),
         request_budget=os.environ[BUDGET_VARIABLE],
     )
-    # The kick-off reads names from the catalog in the project's DuckDB file (none here: no names).
-    resources = {"activecampaign": resource, "duckdb": DuckDBResource(database=duckdb_path())}
-    return dg.Definitions(jobs=[match_all_kickoff_job], resources=resources).resolve_job_def("match_all_kickoff_job")
+    # The kick-off reads names from the catalog in the project's DuckDB file, duckdb_path() (none here: no names).
+    defs = account_definitions(DEFAULT_ACCOUNT, resource)
+    return defs.resolve_job_def(DEFAULT_ACCOUNT.name("match_all_kickoff_job"))
 
 
 def records_of(instance: dg.DagsterInstance, kickoff: str) -> Counter[str]:
@@ -87,7 +87,7 @@ def records_of(instance: dg.DagsterInstance, kickoff: str) -> Counter[str]:
     cursor = None
     while True:
         page = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=ASSET_KEY), limit=5_000, cursor=cursor, ascending=True
+            dg.AssetRecordsFilter(asset_key=DEFAULT_ACCOUNT.matches_key), limit=5_000, cursor=cursor, ascending=True
         )
         for record in page.records:
             metadata = record.asset_observation.metadata if record.asset_observation else {}
@@ -139,7 +139,7 @@ def run(segments: int, speedup: float, kill_at: float) -> dict[str, Any]:
             }
             instance.report_run_failed(first, message="The run's process was killed.")
             lookup = time.monotonic()
-            already = started_segments(instance, first.run_id)
+            already = started_segments(instance, DEFAULT_ACCOUNT, first.run_id)
             lookup_s = time.monotonic() - lookup
             resumed = time.monotonic()
             result = dg.execute_job(

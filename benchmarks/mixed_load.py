@@ -233,7 +233,7 @@ def sensor(argv: list[str]) -> None:
     import dagster as dg
 
     from matchall_dagster.definitions import build_definitions
-    from matchall_dagster.orchestration.names import READINESS_SENSOR
+    from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 
     record = Record(Path(argv[0]), "sensor")
     interval = float(argv[1])
@@ -252,7 +252,9 @@ def sensor(argv: list[str]) -> None:
                     with dg.build_sensor_context(
                         instance_ref=instance.get_ref(), definitions=defs, resources=defs.resources, cursor=cursor
                     ) as context:
-                        data: Any = defs.resolve_sensor_def(READINESS_SENSOR).evaluate_tick(context)
+                        data: Any = defs.resolve_sensor_def(
+                            DEFAULT_ACCOUNT.name("match_all_readiness_sensor")
+                        ).evaluate_tick(context)
                 except Exception as exc:  # a failed tick, as the daemon records it; the next one goes on
                     with record.lock:
                         record.data.setdefault("errors", []).append(f"{type(exc).__name__}: {str(exc)[:300]}")

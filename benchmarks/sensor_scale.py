@@ -87,6 +87,7 @@ from matchall_dagster.definitions import build_definitions
 from matchall_dagster.lifecycle import policy
 from matchall_dagster.lifecycle.cursor import ReadinessCursor
 from matchall_dagster.orchestration import readiness
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.pending_runs import pending_observation
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
@@ -444,7 +445,9 @@ def simulated_day(
             segment = account.segments[step.sent - 1]
             clock.set(began + moment)  # the run starts when its request gets its place
             run = starter.start_run(segment.id, sort="id")
-            instance.report_runless_asset_event(pending_observation(segment.id, run, "id", kickoff="day"))
+            instance.report_runless_asset_event(
+                pending_observation(DEFAULT_ACCOUNT, segment.id, run, "id", kickoff="day")
+            )
 
         budget = Budget(ACCOUNT_RATE, pool, on_place, kickoff_share)
         kickoff = Step("kickoff", count, 0.0)
@@ -690,7 +693,9 @@ def real_ticks(count: int, seed: int, ticks: int, *, bulk: bool = True) -> dict[
         with ActiveCampaignClient(server.url, DEFAULT_TOKEN, requests_per_second=UNPAUSED) as fast:
             for segment in account.segments:  # set up without the limit: the runs are pending at once
                 run = fast.start_run(segment.id)
-                instance.report_runless_asset_event(pending_observation(segment.id, run, "id", kickoff="burst"))
+                instance.report_runless_asset_event(
+                    pending_observation(DEFAULT_ACCOUNT, segment.id, run, "id", kickoff="burst")
+                )
         simulator = server.simulator
         simulator.config = SimulatorConfig(requests_per_second=ACCOUNT_RATE, ready_after=0.0)  # the account's limit
         simulator.advance_clock(policy.FIRST_POLL_DELAY)

@@ -24,8 +24,7 @@ from typing import Any
 import dagster as dg
 
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration.assets import segment_matches
-from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.settings import settings
 
@@ -46,7 +45,7 @@ def bench_definitions() -> dg.Definitions:
         jobs=[
             dg.define_asset_job(
                 JOB,
-                selection=dg.AssetSelection.assets(segment_matches),
+                selection=dg.AssetSelection.assets(DEFAULT_ACCOUNT.matches_key),
                 executor_def=dg.multiprocess_executor
                 if os.environ.get(EXECUTOR_VARIABLE) == "multiprocess"
                 else dg.in_process_executor,  # the project's (definitions.py)
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.cache_clear()  # read again, with the store, by this process and its step subprocesses
     cpu, wall = time.process_time(), time.monotonic()
     with dg.DagsterInstance.get() as instance:
-        instance.add_dynamic_partitions(str(segments_partitions.name), [args.segment])
+        instance.add_dynamic_partitions(DEFAULT_ACCOUNT.partitions_name, [args.segment])
         result = dg.execute_job(
             dg.reconstructable(bench_job),
             instance=instance,
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         for event in result.get_asset_materialization_events():
             materialization = event.step_materialization_data.materialization
-            if materialization.asset_key == segment_matches.key:
+            if materialization.asset_key == DEFAULT_ACCOUNT.matches_key:
                 metadata = materialization.metadata
                 for name in (
                     "dagster/row_count",

@@ -33,16 +33,26 @@ from matchall_dagster.api import (
 )
 
 if TYPE_CHECKING:
+    from matchall_dagster.component import MatchAllComponent
     from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
 
 def __getattr__(name: str) -> object:
-    # The resource imports Dagster (half a second); the client and the command line do not need it.
+    # The resource and the component import Dagster (half a second); the client and the command line do not.
     if name == "ActiveCampaignResource":
         from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
         return ActiveCampaignResource
+    if name == "MatchAllComponent":
+        from matchall_dagster.component import MatchAllComponent
+
+        return MatchAllComponent
     raise AttributeError(f"module 'matchall_dagster' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # `dg list components` finds MatchAllComponent by listing this module (the registry entry point).
+    return sorted(__all__)
 
 
 __all__ = [
@@ -57,6 +67,7 @@ __all__ = [
     "InconsistentResultError",
     "InvalidInputError",
     "InvalidResponseError",
+    "MatchAllComponent",
     "MatchAllRun",
     "MatchList",
     "MatchPage",

@@ -24,8 +24,7 @@ from playwright._impl._sync_base import EventContextManager  # what Page.expect_
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, Response, expect, sync_playwright
 
-from matchall_dagster.orchestration.kickoff import match_all_kickoff_schedule
-from matchall_dagster.orchestration.readiness import match_all_readiness_sensor
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster_tests.deployment import Deployment
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -206,7 +205,8 @@ def automation_paused(deployment: Deployment, timeout: float = 420.0) -> Iterato
     compares the UI with the instance, needs those runs to stop meanwhile. The harness has no
     such switch, so this does what an operator would: the schedule's and sensor's toggles, here
     through the webserver's GraphQL (the mutations the UI's toggles send)."""
-    schedule, sensor = match_all_kickoff_schedule.name, match_all_readiness_sensor.name
+    schedule = DEFAULT_ACCOUNT.name("match_all_kickoff_schedule")
+    sensor = DEFAULT_ACCOUNT.name("match_all_readiness_sensor")
     schedule_id = _instigator_state_id(deployment, "schedule", schedule)
     sensor_id = _instigator_state_id(deployment, "sensor", sensor)
     stopped: list[str] = []

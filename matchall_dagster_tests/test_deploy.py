@@ -361,7 +361,7 @@ def test_every_variable_the_definitions_read_comes_from_the_values_or_a_secret()
     values = load_values()
     code = deployment(values)
     needed = set()
-    for resource in (project_defs.resources or {}).values():
+    for resource in (project_defs().resources or {}).values():
         if isinstance(resource, dg.ConfigurableResource):
             needed |= env_var_names(resource)
     assert needed >= {"ACTIVECAMPAIGN_API_URL", "ACTIVECAMPAIGN_API_KEY"}
@@ -435,7 +435,7 @@ def test_every_pod_takes_from_one_budget_in_the_instances_postgresql() -> None:
     assert "PGPASSWORD" not in env
     assert {"name": "matchall-request-budget"} in deployment(values)["envSecrets"]
     assert {"name": "matchall-request-budget"} in k8s_launcher(values)["envSecrets"]
-    resource = (project_defs.resources or {})["activecampaign"]
+    resource = (project_defs().resources or {})["activecampaign"]
     assert isinstance(resource, ActiveCampaignResource)
     assert resource.requests_per_second == ACCOUNT_REQUESTS_PER_SECOND
 

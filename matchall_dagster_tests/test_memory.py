@@ -25,8 +25,8 @@ import pytest
 
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.api.client import MatchList
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.assets import members_frame
-from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.simulator import SimAccount, SimSegment, SimulatorServer
 from matchall_dagster.storage.io_manager import MatchallDuckDBIOManager
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment
@@ -132,7 +132,11 @@ def test_members_frame_adds_its_position_column_and_a_byte_of_index_a_row() -> N
 
 
 def write(instance: dg.DagsterInstance, duckdb_file: Path, segment_id: str, frame: pd.DataFrame) -> None:
-    @dg.asset(name="segment_matches", partitions_def=segments_partitions, metadata={"partition_expr": "segment_id"})
+    @dg.asset(
+        name="segment_matches",
+        partitions_def=DEFAULT_ACCOUNT.segments_partitions,
+        metadata={"partition_expr": "segment_id"},
+    )
     def stand_in() -> pd.DataFrame:
         return frame
 

@@ -97,6 +97,7 @@ class Missing(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Missing())
 import matchall_dagster, matchall_dagster.definitions
+matchall_dagster.definitions.defs()  # the project's definitions (its defs/ folder) load too
 from click.testing import CliRunner
 from matchall_dagster.cli import main
 

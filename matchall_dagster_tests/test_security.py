@@ -63,7 +63,7 @@ from matchall_dagster import (
 from matchall_dagster.api.validation import validate_api_url
 from matchall_dagster.cli import main
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, SimulatorServer
 from matchall_dagster_tests.conftest import ServeSimulator, make_account
 
@@ -532,7 +532,9 @@ def test_the_api_token_appears_nowhere(
         assert (out / "m.csv").stat().st_size > 0
 
         # -- control: plant the token in scanned places; the same scan must find each ------------
-        instance.report_runless_asset_event(dg.AssetObservation(asset_key=ASSET_KEY, metadata={"leak": TOKEN}))
+        instance.report_runless_asset_event(
+            dg.AssetObservation(asset_key=DEFAULT_ACCOUNT.matches_key, metadata={"leak": TOKEN})
+        )
         compute_log = next((home / "storage" / runs["materialization"] / "compute_logs").glob("*.err"))
         with compute_log.open("a") as stream:
             stream.write(f"Authorization: Basic {base64.b64encode(f'user:{TOKEN}'.encode()).decode()}\n")

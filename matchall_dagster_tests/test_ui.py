@@ -35,17 +35,10 @@ import pytest
 import yaml
 from playwright.sync_api import expect
 
-from matchall_dagster.orchestration.changes import CHANGES_KEY
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
+from matchall_dagster.orchestration.assets import MATCHES_COLUMNS
 from matchall_dagster.orchestration.metadata import RUN_ID
-from matchall_dagster.orchestration.names import (
-    BATCH_TAG,
-    MATCHES_COMPLETE,
-    RUN_NOT_EXPIRED,
-    RUN_NOT_FAILED,
-    SMALL_READS_JOB,
-)
-from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
-from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.names import BATCH_TAG, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.storage.io_manager import TABLE
 from matchall_dagster_tests import browser
 from matchall_dagster_tests.browser import (
@@ -61,9 +54,14 @@ from matchall_dagster_tests.browser import (
 from matchall_dagster_tests.deployment import ARTIFACTS, Deployment
 
 UI_ARTIFACTS = ARTIFACTS / "ui"
+ASSET_KEY = DEFAULT_ACCOUNT.matches_key
+CHANGES_KEY = DEFAULT_ACCOUNT.changes_key
+SMALL_READS_JOB = DEFAULT_ACCOUNT.name("read_small_segments")
 CHOSEN_SORT = "-id"  # descending contact id: easy to verify, and not the sensor's default
 OUTCOME_TIMEOUT = 300.0
 RUN_TIMEOUT = 300.0
+# A kick-off a minute, a one-minute window, the freshness daemon every 30 s: stale within about 2.5 minutes.
+FRESHNESS_TIMEOUT = 300.0
 RUN_ID_TAG = "matchall/run_id"  # the remote (ActiveCampaign) run a Dagster run was launched for
 PLOTTED_STEPS = 3  # materializations of the evolving segment's membership changes before the plot
 SIZE_PLOT = "07-membership-size-plot"
@@ -300,6 +298,30 @@ def _show_asset_graph(ui: UI, partitions: list[str], materialized: set[str]) -> 
         ui.shot("01-asset-graph")
 
 
+def _freshness(instance: dg.DagsterInstance) -> str:
+    """segment_matches' freshness as the daemon last evaluated it: PASS, FAIL, ... or "" (not yet)."""
+    record = instance.get_freshness_state_records([ASSET_KEY]).get(ASSET_KEY)
+    return "" if record is None else str(record.freshness_state.value)
+
+
+def _show_columns_and_freshness(ui: UI) -> None:
+    """The asset's overview: its table's columns with their descriptions (`dagster/column_schema`),
+    and its freshness policy (from the kick-off cron), failed: nothing was read since the last kick-off."""
+    page = ui.page
+    with ui.step("segment_matches shows its columns, described, and its freshness policy failed"):
+        ui.goto("/assets/segment_matches")
+        expect(page.get_by_text("Columns", exact=True).first).to_be_visible()
+        for column in MATCHES_COLUMNS.columns:
+            expect(page.get_by_text(column.name, exact=True).filter(visible=True).first).to_be_visible()
+            assert column.description is not None
+            expect(page.get_by_text(column.description, exact=True).filter(visible=True).first).to_be_visible()
+        label = page.get_by_text("Freshness policy", exact=True).filter(visible=True).first
+        expect(label).to_be_visible()
+        status = label.locator("xpath=following::*[normalize-space(text())][1]")
+        expect(status).to_have_text(re.compile(r"^\s*(Failed|Failing)\s*$"))
+        ui.shot("02b-columns-and-stale-freshness")
+
+
 def _show_partitions(ui: UI, partitions: list[str], materialized: set[str], segment_id: str, run_id: str) -> None:
     """`run_id` is the Dagster run of the partition's latest materialization. (The metadata panel
     shows each entry's newest value, which for run_id is often the next kick-off's pending run.)"""
@@ -511,8 +533,15 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
 
     with automation_paused(deployment), deployment.instance() as instance:
         paused_at = time.monotonic()
-        assert segments_partitions.name is not None
-        partitions = sorted(instance.get_dynamic_partitions(segments_partitions.name))
+        # Nothing is read while paused: once a kick-off (every minute here) passes with no read since
+        # the one before, the freshness daemon (every 30 s) finds segment_matches stale.
+        deployment.wait_for(
+            lambda: _freshness(instance) == "FAIL",
+            timeout=FRESHNESS_TIMEOUT,
+            what="segment_matches stale by its freshness policy: no read since the previous kick-off",
+        )
+        stale_at = time.monotonic()
+        partitions = sorted(instance.get_dynamic_partitions(DEFAULT_ACCOUNT.partitions_name))
         materialized = instance.get_materialized_partitions(ASSET_KEY)
         assert set(deployment.ready_segments) <= materialized
         assert deployment.failing_segment not in materialized
@@ -555,6 +584,7 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
         with open_ui(deployment.webserver_url, UI_ARTIFACTS) as ui:
             _show_asset_graph(ui, partitions, materialized)
             _show_partitions(ui, partitions, materialized, chosen, chosen_record.run_id)
+            _show_columns_and_freshness(ui)
             _show_failed_check(ui, deployment.failing_segment, failed_record.run_id, remote_run_id, failed_partitions)
             _show_batch_run(ui, batch.run_id, batch.partitions)
             targets = _show_batch_partition(ui, batch, batch_checks)
@@ -608,7 +638,8 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
     print(
         f"\nUI in Chromium ({' '.join(CHROMIUM_ARGS)}; timeout {TIMEOUT_MS / 1000:.0f} s a step): "
         f"outcome after {outcome_at - started:.0f} s, automation paused and queue drained in "
-        f"{paused_at - outcome_at:.0f} s, browser pages {launched_at - paused_at:.0f} s, launched run "
+        f"{paused_at - outcome_at:.0f} s, stale by its freshness policy {stale_at - paused_at:.0f} s later, "
+        f"browser pages {launched_at - stale_at:.0f} s, launched run "
         f"{run_id} (partition {chosen}, sort {CHOSEN_SORT}, {len(members):,} rows) done in "
         f"{plot_at - launched_at:.0f} s, size plot ({len(plotted)} points of segment {evolving}) "
         f"{run_done_at - plot_at:.0f} s; total {time.monotonic() - started:.0f} s\n"

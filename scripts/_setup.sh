@@ -20,3 +20,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
+export VIRTUAL_ENV="$ROOT/.venv"  # `dg` checks that the project's virtualenv is the active one

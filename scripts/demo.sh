@@ -11,6 +11,8 @@ sim_pid=$!
 trap 'kill $sim_pid 2>/dev/null || true' EXIT
 export ACTIVECAMPAIGN_API_URL="http://127.0.0.1:$SIM_PORT"
 export ACTIVECAMPAIGN_API_KEY="${MATCHALL_SIM_TOKEN:-simulator-token}"
-# From DAGSTER_HOME, so that Dagster does not warn about the repository's dagster.yaml.
+# `dg dev` (the UI, the daemon and the code server) on the project's one code location: the
+# components in matchall_dagster/defs. From DAGSTER_HOME, so that Dagster does not warn about the
+# repository's dagster.yaml; `dagster dev -w workspace.yaml` runs the same.
 cd "$DAGSTER_HOME"
-dagster dev -w "$ROOT/workspace.yaml" -h 127.0.0.1 -p "${DAGSTER_PORT:-3000}"
+dg dev -w "$ROOT/workspace.yaml" -h 127.0.0.1 -p "${DAGSTER_PORT:-3000}"

@@ -7,5 +7,8 @@ ruff check .
 ruff format --check .
 echo "== mypy"
 mypy
+echo "== dg check defs"
+# The project's definitions load as `dg` loads them: the defs/ folder and its component's YAML.
+DAGSTER_HOME="$(mktemp -d)" sh -c 'cp dagster.yaml "$DAGSTER_HOME/" && dg check defs'
 echo "== pytest"
 python -m pytest "$@"

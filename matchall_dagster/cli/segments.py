@@ -25,15 +25,16 @@ def segments() -> None:
     partitions ActiveCampaign does not list: unlisted (marked deleted once two listings in a row miss
     it) or deleted (marked). Without DAGSTER_HOME every admitted segment shows as new. Read-only.
     """
-    from matchall_dagster.orchestration.partitions import tracked
+    from matchall_dagster.orchestration.account import SegmentSelection
+    from matchall_dagster.settings import settings
 
+    selection = SegmentSelection(ids=settings().segments)  # read (and refused if bad) before anything is printed
     try:
         listed = _listing()
-        tracked([])  # MATCHALL_SEGMENTS read (and refused if bad) before anything is printed
     except ActiveCampaignError as exc:
         fail(str(exc))
     partitions, deleted = _partitions_and_deleted(instance_or_none())
-    admitted = set(tracked([*(segment.id for segment in listed), *partitions]))
+    admitted = set(selection.tracked([*(segment.id for segment in listed), *partitions]))
     click.echo("segment_id\tlast_total\tlast_run_id\tdiscovery\tname")
     for segment in listed:
         if segment.id not in admitted and segment.id not in partitions:
@@ -60,10 +61,12 @@ def _partitions_and_deleted(instance: Any) -> tuple[set[str], set[str]]:
             "DAGSTER_HOME is not set: no instance to compare with; every admitted segment would be added.", err=True
         )
         return set(), set()
+    from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
     from matchall_dagster.orchestration.deletions import deleted_ids
 
     with instance:
-        return set(instance.get_dynamic_partitions("segments")), deleted_ids(instance)
+        partitions = instance.get_dynamic_partitions(DEFAULT_ACCOUNT.partitions_name)
+        return set(partitions), deleted_ids(instance, DEFAULT_ACCOUNT)
 
 
 def _echo_unlisted(unlisted: list[str], deleted: set[str], admitted: set[str]) -> None:
@@ -102,6 +105,7 @@ def forget(segment_id: str, force: bool) -> None:
     event history are kept; the command prints how to delete the rows. Needs DAGSTER_HOME.
     """
     from matchall_dagster.api.validation import validate_id
+    from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
     from matchall_dagster.orchestration.deletions import NotForgettableError
     from matchall_dagster.orchestration.deletions import forget as forget_segment
     from matchall_dagster.settings import duckdb_path
@@ -119,7 +123,7 @@ def forget(segment_id: str, force: bool) -> None:
         )
     with instance:
         try:
-            forgotten = forget_segment(instance, segment_id, force=force)
+            forgotten = forget_segment(instance, DEFAULT_ACCOUNT, segment_id, force=force)
         except NotForgettableError as exc:
             fail(str(exc))
     database = duckdb_path()

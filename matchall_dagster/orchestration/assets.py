@@ -11,19 +11,17 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from matchall_dagster.api.client import ActiveCampaignClient, ContactIds, MatchList
 from matchall_dagster.api.errors import ActiveCampaignError, InvalidInputError, RunExpiredError, RunFailedError
 from matchall_dagster.api.models import MatchAllRun
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_id, validate_sort
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.catalog import CatalogEntry, read_catalog
 from matchall_dagster.orchestration.checks import evaluation, latest_materialization
 from matchall_dagster.orchestration.metadata import PAGE_TOTAL, SEGMENT_NAME, labelled, run_metadata
-from matchall_dagster.orchestration.names import API_POOL, MATCHES_KEY, RUN_NOT_EXPIRED, RUN_NOT_FAILED
-from matchall_dagster.orchestration.partitions import segments_partitions
-from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.names import RUN_NOT_EXPIRED, RUN_NOT_FAILED
 
 PREVIEW_ROWS = 10
 # A read is noted when it differs from the catalog's count (the latest run's, taken at discovery)
@@ -33,14 +31,16 @@ SIZE_NOTE_SHARE = 0.1
 SIZE_NOTE_MIN_CONTACTS = 10
 
 
+SORT_DESCRIPTION = (
+    "Sort keys, comma-separated, '-' for descending: id, email, phone, first_name, last_name, full_name, cdate, "
+    "udate, account_name, score, score<id>, field<id>. E.g. 'last_name,-first_name'. Empty: the account's sort."
+)
+
+
 class SegmentMatchesConfig(dg.Config):
     """What an analyst can choose in the launchpad; the sensor fills in the run it found ready."""
 
-    sort: str = Field(
-        default=DEFAULT_SORT,
-        description="Sort keys, comma-separated, '-' for descending: id, email, phone, first_name, last_name, "
-        "full_name, cdate, udate, account_name, score, score<id>, field<id>. E.g. 'last_name,-first_name'.",
-    )
+    sort: str = Field(default=DEFAULT_SORT, description=SORT_DESCRIPTION)
     run_id: str | None = Field(
         default=None, description="An existing match-all run to read; when empty, a new run is started."
     )
@@ -105,11 +105,11 @@ def _preview(matches: MatchList) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def _validated(segment_id: str, config: SegmentMatchesConfig) -> str:
+def _validated(segment_id: str, config: SegmentMatchesConfig, default_sort: str) -> str:
     """The run configuration's sort, once the ids are known to be safe to send; else a Failure."""
     try:
         validate_id(segment_id)
-        sort = validate_sort(config.sort)
+        sort = validate_sort(config.sort or default_sort)
         if config.run_id is not None:
             validate_id(config.run_id, "run id")
     except InvalidInputError as exc:
@@ -140,7 +140,12 @@ def read_when_ready(
 
 
 def run_verdict(
-    exc: RunFailedError | RunExpiredError, instance: dg.DagsterInstance, segment_id: str, run_id: str, sort: str
+    exc: RunFailedError | RunExpiredError,
+    instance: dg.DagsterInstance,
+    key: dg.AssetKey,
+    segment_id: str,
+    run_id: str,
+    sort: str,
 ) -> dg.AssetCheckEvaluation:
     """The failed verdict of run_not_failed or run_not_expired on a run that could not be read,
     judged against the partition's latest materialization (so that the UI shows it there)."""
@@ -150,53 +155,80 @@ def run_verdict(
         description=str(exc),
         metadata=run_metadata(None, run_id, sort),
     )
-    return evaluation(result, MATCHES_KEY, segment_id, latest_materialization(instance, MATCHES_KEY, segment_id))
+    return evaluation(result, key, segment_id, latest_materialization(instance, key, segment_id))
 
 
-@dg.asset(
-    partitions_def=segments_partitions,
-    metadata={"partition_expr": "segment_id"},
-    pool=API_POOL,
-    kinds={"duckdb", "pandas"},
-    description="Every member contact id of the segment, in the run's sort order (1-based position).",
+# The table's columns, as the UI's Columns tab shows them (`dagster/column_schema`).
+MATCHES_COLUMNS = dg.TableSchema(
+    columns=[
+        dg.TableColumn("segment_id", "VARCHAR", description="The segment (the partition key), as the API gives it."),
+        dg.TableColumn("position", "BIGINT", description="1-based place of the contact in the run's sort order."),
+        dg.TableColumn("contact_id", "BIGINT", description="The member contact's id."),
+    ]
 )
-def segment_matches(
-    context: dg.AssetExecutionContext,
-    config: SegmentMatchesConfig,
-    activecampaign: ActiveCampaignResource,
-    duckdb: DuckDBResource,
-) -> dg.Output[pd.DataFrame]:
-    segment_id = context.partition_key
-    sort = _validated(segment_id, config)
-    entry = read_catalog(duckdb.database, [segment_id]).get(segment_id)
-    name = entry.name if entry is not None else None
-    segment = labelled(segment_id, name)
+MATCHES_DESCRIPTION = "Every member contact id of the segment, in the run's sort order (1-based position)."
 
-    with activecampaign.get_client() as client:
-        run_id = config.run_id
-        try:
-            if run_id is None:
-                run_id = client.start_run(segment_id, sort=sort).run_id
-                context.log.info(f"Started match-all run {run_id} of {segment} (sort {sort}).")
-            else:
-                context.log.info(f"Reading the existing match-all run {run_id} of {segment} (sort {sort}).")
-            matches = read_when_ready(context.log, client, segment_id, run_id, sort, config)
-        except (RunFailedError, RunExpiredError) as exc:
-            # The checks after this step are skipped; record the verdict on the partition here.
-            context.log_event(run_verdict(exc, context.instance, segment_id, run_id or "", sort))
-            raise dg.Failure(description=str(exc)) from None
-        except ActiveCampaignError as exc:
-            raise dg.Failure(description=str(exc)) from None
 
-    metadata = matches_metadata(
-        matches,
-        entry,
-        requests=client.requests_sent,
-        waited=client.budget.waited_seconds,
-        budget=str(client.budget.store),
-        log=context.log,
+def build_segment_matches(account: Account, *, freshness: dg.FreshnessPolicy | None = None) -> dg.AssetsDefinition:
+    """The account's `segment_matches` (its checks are in `checks.build_matches_checks`)."""
+
+    class AccountMatchesConfig(SegmentMatchesConfig):
+        # The launchpad shows the account's sort (the component's `sort`) as the default.
+        sort: str = Field(default=account.sort, description=SORT_DESCRIPTION)
+
+    @dg.asset(
+        key=account.matches_key,
+        partitions_def=account.segments_partitions,
+        metadata={
+            "partition_expr": "segment_id",
+            "dagster/column_schema": MATCHES_COLUMNS,
+            "dagster/table_name": account.table_name("segment_matches"),
+        },
+        pool=account.pool,
+        io_manager_key=account.io_manager_key,
+        required_resource_keys={account.api_resource, account.duckdb_resource},
+        kinds={"duckdb", "pandas"},
+        freshness_policy=freshness,
+        description=account.description("segment_matches", MATCHES_DESCRIPTION),
+        group_name=account.group_name,
+        owners=list(account.owners) or None,
+        tags=dict(account.tags) or None,
     )
-    return dg.Output(members_frame(segment_id, matches.contact_ids), metadata=metadata)
+    def segment_matches(context: dg.AssetExecutionContext, config: AccountMatchesConfig) -> dg.Output[pd.DataFrame]:
+        segment_id = context.partition_key
+        sort = _validated(segment_id, config, account.sort)
+        entry = read_catalog(account.duckdb(context).database, [segment_id]).get(segment_id)
+        name = entry.name if entry is not None else None
+        segment = labelled(segment_id, name)
+
+        with account.api(context).get_client() as client:
+            run_id = config.run_id
+            try:
+                if run_id is None:
+                    run_id = client.start_run(segment_id, sort=sort).run_id
+                    context.log.info(f"Started match-all run {run_id} of {segment} (sort {sort}).")
+                else:
+                    context.log.info(f"Reading the existing match-all run {run_id} of {segment} (sort {sort}).")
+                matches = read_when_ready(context.log, client, segment_id, run_id, sort, config)
+            except (RunFailedError, RunExpiredError) as exc:
+                # The checks after this step are skipped; record the verdict on the partition here.
+                verdict = run_verdict(exc, context.instance, account.matches_key, segment_id, run_id or "", sort)
+                context.log_event(verdict)
+                raise dg.Failure(description=str(exc)) from None
+            except ActiveCampaignError as exc:
+                raise dg.Failure(description=str(exc)) from None
+
+        metadata = matches_metadata(
+            matches,
+            entry,
+            requests=client.requests_sent,
+            waited=client.budget.waited_seconds,
+            budget=str(client.budget.store),
+            log=context.log,
+        )
+        return dg.Output(members_frame(segment_id, matches.contact_ids), metadata=metadata)
+
+    return segment_matches
 
 
 def matches_metadata(
@@ -231,14 +263,12 @@ def matches_metadata(
     }
 
 
-ASSET_KEY = MATCHES_KEY  # the older name
-
 __all__ = [
-    "ASSET_KEY",
+    "MATCHES_COLUMNS",
     "SegmentMatchesConfig",
+    "build_segment_matches",
     "matches_metadata",
     "members_frame",
     "read_when_ready",
     "run_verdict",
-    "segment_matches",
 ]

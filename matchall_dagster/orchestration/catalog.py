@@ -16,23 +16,17 @@ from typing import Any
 import dagster as dg
 import duckdb
 import pandas as pd
-from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.api.errors import ActiveCampaignError
 from matchall_dagster.api.models import Segment
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.deletions import deleted_ids
-from matchall_dagster.orchestration.names import API_POOL, CATALOG_JOB, CATALOG_KEY
-from matchall_dagster.orchestration.partitions import segments_partitions
-from matchall_dagster.orchestration.resource import ActiveCampaignResource
 
 __all__ = [
-    "CATALOG_JOB",
-    "CATALOG_KEY",
     "CATALOG_TABLE",
     "LIST_PAGE_SIZE",
     "CatalogEntry",
-    "activecampaign_segments",
-    "activecampaign_segments_job",
+    "build_catalog",
     "catalog_frame",
     "names_of",
     "read_catalog",
@@ -214,52 +208,61 @@ def _previous(database: str, log: Any) -> pd.DataFrame | None:
         connection.close()
 
 
-@dg.asset(
-    key=CATALOG_KEY,
-    pool=API_POOL,
-    kinds={"duckdb", "pandas"},
-    metadata={"dagster/column_schema": COLUMN_SCHEMA},
-    description="The account's saved segments (GET /api/3/audiences): id, name, latest known size and run, dates, "
-    "and whether ActiveCampaign still has them (status). Refreshed by segment_discovery_sensor when the listing "
-    "changes; table main.activecampaign_segments.",
+CATALOG_DESCRIPTION = (
+    "The account's saved segments (GET /api/3/audiences): id, name, latest known size and run, dates, and whether "
+    "ActiveCampaign still has them (status). Refreshed by the discovery sensor when the listing changes; table "
+    "main.activecampaign_segments."
 )
-def activecampaign_segments(
-    context: dg.AssetExecutionContext,
-    activecampaign: ActiveCampaignResource,
-    duckdb: DuckDBResource,
-) -> dg.Output[pd.DataFrame]:
-    try:
-        with activecampaign.get_client() as client:
-            listed = client.list_segments(page_size=LIST_PAGE_SIZE)
-            requests = client.requests_sent
-    except ActiveCampaignError as exc:
-        raise dg.Failure(description=f"{exc} The previous catalog is kept.") from None
-    assert segments_partitions.name is not None
-    partitions = set(context.instance.get_dynamic_partitions(segments_partitions.name))
-    deleted = deleted_ids(context.instance)
-    frame = catalog_frame(listed, _previous(duckdb.database, context.log), partitions, deleted)
-    counts = frame["status"].value_counts()
-    context.log.info(
-        f"{len(listed):,} segment(s) listed in {requests} request(s); the catalog holds {len(frame):,} "
-        f"({int(counts.get(DELETED, 0)):,} deleted)."
-    )
-    return dg.Output(
-        frame,
-        metadata={
-            "dagster/row_count": len(frame),
-            "dagster/column_schema": COLUMN_SCHEMA,
-            "listed": len(listed),
-            "active": int(counts.get(ACTIVE, 0)),
-            "deleted": int(counts.get(DELETED, 0)),
-            "tracked": int(frame["tracked"].sum()),
-            "requests": requests,
-            "preview": _preview(frame),
-        },
-    )
 
 
-activecampaign_segments_job = dg.define_asset_job(
-    CATALOG_JOB,
-    selection=[CATALOG_KEY],
-    description="Refreshes the segment catalog (one or two API requests); requested by the discovery sensor.",
-)
+def build_catalog(account: Account) -> "tuple[dg.AssetsDefinition, dg.UnresolvedAssetJobDefinition]":
+    """The account's `activecampaign_segments` and the job that refreshes it."""
+
+    @dg.asset(
+        key=account.catalog_key,
+        pool=account.pool,
+        kinds={"duckdb", "pandas"},
+        io_manager_key=account.io_manager_key,
+        required_resource_keys={account.api_resource, account.duckdb_resource},
+        metadata={"dagster/column_schema": COLUMN_SCHEMA, "dagster/table_name": account.table_name(CATALOG_TABLE)},
+        description=account.description("activecampaign_segments", CATALOG_DESCRIPTION),
+        group_name=account.group_name,
+        owners=list(account.owners) or None,
+        tags=dict(account.tags) or None,
+    )
+    def activecampaign_segments(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
+        try:
+            with account.api(context).get_client() as client:
+                listed = client.list_segments(page_size=LIST_PAGE_SIZE)
+                requests = client.requests_sent
+        except ActiveCampaignError as exc:
+            raise dg.Failure(description=f"{exc} The previous catalog is kept.") from None
+        partitions = set(context.instance.get_dynamic_partitions(account.partitions_name))
+        deleted = deleted_ids(context.instance, account)
+        frame = catalog_frame(listed, _previous(account.duckdb(context).database, context.log), partitions, deleted)
+        counts = frame["status"].value_counts()
+        context.log.info(
+            f"{len(listed):,} segment(s) listed in {requests} request(s); the catalog holds {len(frame):,} "
+            f"({int(counts.get(DELETED, 0)):,} deleted)."
+        )
+        return dg.Output(
+            frame,
+            metadata={
+                "dagster/row_count": len(frame),
+                "dagster/column_schema": COLUMN_SCHEMA,
+                "listed": len(listed),
+                "active": int(counts.get(ACTIVE, 0)),
+                "deleted": int(counts.get(DELETED, 0)),
+                "tracked": int(frame["tracked"].sum()),
+                "requests": requests,
+                "preview": _preview(frame),
+            },
+        )
+
+    job = dg.define_asset_job(
+        account.name("activecampaign_segments_job"),
+        selection=[account.catalog_key],
+        tags=dict(account.tags) or None,
+        description="Refreshes the segment catalog (one or two API requests); requested by the discovery sensor.",
+    )
+    return activecampaign_segments, job

@@ -10,26 +10,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from matchall_dagster.orchestration.assets import segment_matches
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.metadata import RUN_ID
-from matchall_dagster.orchestration.names import BATCH_TAG, CHANGES_KEY, CHANGES_SENSOR, MATCHES_KEY, PLAUSIBLE
-from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.names import BATCH_TAG, PLAUSIBLE
 from matchall_dagster.orchestration.preview import partitioned_checks
 from matchall_dagster.settings import Settings, settings
-from matchall_dagster.storage.history import Step, record_step
+from matchall_dagster.storage.history import CHANGES_TABLE, JOINED, LEFT, Step, record_step
 
 __all__ = [
     "CHANGES_AUTOMATION",
-    "CHANGES_KEY",
+    "CHANGES_COLUMNS",
     "MAX_SHARE_VARIABLE",
     "PLAUSIBLE",
+    "build_changes",
     "changes_metadata",
     "describe",
-    "membership_changes_sensor",
     "plausibility",
-    "segment_membership_changes",
 ]
 
 MAX_SHARE_VARIABLE = "MATCHALL_MAX_CHANGE_SHARE"
@@ -93,7 +90,9 @@ def changes_metadata(step: Step) -> dict[str, Any]:
     }
 
 
-# Eager, except for the materializations of segment_matches made by a batch of small segments:
+# Eager, once every blocking check of segment_matches (run_not_failed, run_not_expired, matches_complete)
+# has passed on the partition: a failed or incomplete partition is never diffed. Except for the
+# materializations of segment_matches made by a batch of small segments:
 # the batch records their changes itself (see `small_reads`), so a run of this asset would be one
 # process per segment again, for a step already recorded. Dagster's `executed_with_tags` looks at
 # an asset's latest materialization over all partitions, so the updates are filtered by the tags of
@@ -110,59 +109,81 @@ CHANGES_AUTOMATION = (
         ).with_label("newly_updated_without_root_or_batch"),
     )
     & ~dg.AutomationCondition.any_deps_match(_FROM_BATCH)
-).with_label("eager, except what a batch of small segments records")
+    & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("eager, once the blocking checks passed, except what a batch of small segments records")
+
+CHANGES_COLUMNS = dg.TableSchema(
+    columns=[
+        dg.TableColumn("segment_id", "VARCHAR", description="The segment (the partition key)."),
+        dg.TableColumn("contact_id", "BIGINT", description="The contact that joined or left."),
+        dg.TableColumn("change", "VARCHAR", description=f"'{JOINED}' or '{LEFT}'."),
+        dg.TableColumn("run_id", "VARCHAR", description="The match-all run whose members showed the change."),
+        dg.TableColumn(
+            "observed_at", "TIMESTAMP WITH TIME ZONE", description="When that read of segment_matches was stored."
+        ),
+    ]
+)
+CHANGES_DESCRIPTION = (
+    "Contacts that joined or left the segment at each materialization of segment_matches "
+    "(table segment_membership_changes: segment_id, contact_id, change, run_id, observed_at; appended only)."
+)
 
 
-def _plausible_spec() -> dg.AssetCheckSpec:
-    with partitioned_checks():
-        return dg.AssetCheckSpec(
+def build_changes(account: Account) -> tuple[dg.AssetsDefinition, dg.AutomationConditionSensorDefinition]:
+    """The account's `segment_membership_changes`, with its check, and the sensor that automates it."""
+    with partitioned_checks():  # a preview feature: see `preview`
+        plausible = dg.AssetCheckSpec(
             PLAUSIBLE,
-            asset=CHANGES_KEY,
-            partitions_def=segments_partitions,
+            asset=account.changes_key,
+            partitions_def=account.segments_partitions,
             description=f"Warns when more than {MAX_SHARE_VARIABLE} (default {DEFAULT_MAX_SHARE:.0%}) of a segment "
             "changed in one step.",
         )
 
+    @dg.asset(
+        key=account.changes_key,
+        deps=[account.matches_key],
+        partitions_def=account.segments_partitions,
+        kinds={"duckdb"},
+        automation_condition=CHANGES_AUTOMATION,
+        check_specs=[plausible],
+        required_resource_keys={account.duckdb_resource},
+        metadata={"dagster/column_schema": CHANGES_COLUMNS, "dagster/table_name": account.table_name(CHANGES_TABLE)},
+        description=account.description("segment_membership_changes", CHANGES_DESCRIPTION),
+        group_name=account.group_name,
+        owners=list(account.owners) or None,
+        tags=dict(account.tags) or None,
+    )
+    def segment_membership_changes(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]  # Dagster recognises only the bare class here
+        segment_id = context.partition_key
+        max_share = settings().max_change_share
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=account.matches_key, asset_partitions=[segment_id]), limit=1
+        ).records
+        if not records or records[0].asset_materialization is None:
+            raise dg.Failure(
+                description=f"Segment {segment_id} has no materialization of segment_matches yet; materialize it first."
+            )
+        source = records[0]
+        metadata = source.asset_materialization.metadata
+        run_id = metadata[RUN_ID].value if RUN_ID in metadata else ""
+        with account.duckdb(context).get_connection() as connection:
+            step = record_step(
+                connection,
+                segment_id,
+                source=str(source.storage_id),
+                run_id=str(run_id),
+                observed_at=datetime.fromtimestamp(source.timestamp, UTC),
+            )
+        context.log.info(describe(step))
+        return dg.MaterializeResult(metadata=changes_metadata(step), check_results=[plausibility(step, max_share)])
 
-@dg.asset(
-    key=CHANGES_KEY,
-    deps=[segment_matches],
-    partitions_def=segments_partitions,
-    kinds={"duckdb"},
-    automation_condition=CHANGES_AUTOMATION,
-    check_specs=[_plausible_spec()],
-    description="Contacts that joined or left the segment at each materialization of segment_matches "
-    "(table segment_membership_changes: segment_id, contact_id, change, run_id, observed_at; appended only).",
-)
-def segment_membership_changes(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:  # type: ignore[type-arg]  # Dagster recognises only the bare class here
-    segment_id = context.partition_key
-    max_share = settings().max_change_share
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=MATCHES_KEY, asset_partitions=[segment_id]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        raise dg.Failure(
-            description=f"Segment {segment_id} has no materialization of segment_matches yet; materialize it first."
-        )
-    source = records[0]
-    metadata = source.asset_materialization.metadata
-    run_id = metadata[RUN_ID].value if RUN_ID in metadata else ""
-    with duckdb.get_connection() as connection:
-        step = record_step(
-            connection,
-            segment_id,
-            source=str(source.storage_id),
-            run_id=str(run_id),
-            observed_at=datetime.fromtimestamp(source.timestamp, UTC),
-        )
-    context.log.info(describe(step))
-    return dg.MaterializeResult(metadata=changes_metadata(step), check_results=[plausibility(step, max_share)])
-
-
-membership_changes_sensor = dg.AutomationConditionSensorDefinition(
-    CHANGES_SENSOR,
-    target=dg.AssetSelection.assets(CHANGES_KEY),
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Computes segment_membership_changes after each new materialization of segment_matches.",
-)
+    sensor = dg.AutomationConditionSensorDefinition(
+        account.name("membership_changes_automation"),
+        target=dg.AssetSelection.assets(account.changes_key),
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Computes segment_membership_changes after each new materialization of segment_matches whose "
+        "blocking checks passed.",
+    )
+    return segment_membership_changes, sensor

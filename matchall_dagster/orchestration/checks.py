@@ -19,30 +19,20 @@ from pydantic import Field
 
 from matchall_dagster.api.models import RunState
 from matchall_dagster.api.validation import DEFAULT_SORT
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.dagster_private import check_target
 from matchall_dagster.orchestration.metadata import PAGE_TOTAL, RUN_ID, RUN_STARTED_AT, run_metadata
-from matchall_dagster.orchestration.names import (
-    API_POOL,
-    MATCHES_COMPLETE,
-    MATCHES_KEY,
-    RUN_NOT_EXPIRED,
-    RUN_NOT_FAILED,
-)
-from matchall_dagster.orchestration.partitions import segments_partitions
+from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.preview import partitioned_checks
-from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.storage.io_manager import PartitionSummary
 
 __all__ = [
     "RunCheckConfig",
+    "build_matches_checks",
     "completeness",
     "evaluation",
     "latest_materialization",
-    "matches_complete",
     "materialized_verdicts",
-    "run_checks",
-    "run_not_expired",
-    "run_not_failed",
 ]
 RUN_RETENTION = timedelta(days=90)
 EXPIRY_WARNING = timedelta(days=10)
@@ -55,22 +45,6 @@ class RunCheckConfig(dg.Config):
     sort: str = Field(default=DEFAULT_SORT, description="The sort the run was started with.")
 
 
-def _partitioned_check(name: str, description: str, *, pool: str | None = None) -> Callable[..., Any]:
-    """`@asset_check` on a partition of `segment_matches` (a preview feature: see `preview`)."""
-
-    def define(function: Callable[..., Any]) -> dg.AssetChecksDefinition:
-        with partitioned_checks():
-            return dg.asset_check(
-                asset=MATCHES_KEY,
-                name=name,
-                partitions_def=segments_partitions,
-                pool=pool,
-                description=description,
-            )(function)
-
-    return define
-
-
 def latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str) -> dg.EventLogRecord | None:
     """The partition's latest materialization of `key`, or None."""
     records = instance.fetch_materializations(
@@ -79,9 +53,9 @@ def latest_materialization(instance: dg.DagsterInstance, key: dg.AssetKey, parti
     return records[0] if records and records[0].asset_materialization is not None else None
 
 
-def _materialized(context: dg.AssetCheckExecutionContext) -> dict[str, Any] | None:
+def _materialized(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict[str, Any] | None:
     """The metadata of the partition's latest materialization, as plain values."""
-    record = latest_materialization(context.instance, MATCHES_KEY, context.partition_key)
+    record = latest_materialization(context.instance, key, context.partition_key)
     if record is None or record.asset_materialization is None:
         return None
     return {key: value.value for key, value in record.asset_materialization.metadata.items()}
@@ -110,19 +84,16 @@ def _expiry(started_at: datetime, run_id: str, metadata: dict[str, Any], now: da
     )
 
 
-@_partitioned_check(
-    RUN_NOT_FAILED, "The segment's match-all run did not fail (run_id_end set while not ready).", pool=API_POOL
-)
 def run_not_failed(
-    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
+    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, account: Account
 ) -> dg.AssetCheckResult:
     if config.run_id is None:
-        materialized = _materialized(context)
+        materialized = _materialized(context, account.matches_key)
         if materialized is None:
             return _not_applicable(RUN_NOT_FAILED)
         # A materialization is only ever made from a ready run.
         return dg.AssetCheckResult(passed=True, metadata={RUN_ID: materialized[RUN_ID]})
-    with activecampaign.get_client() as client:
+    with account.api(context).get_client() as client:
         status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
     metadata = run_metadata(status.run, config.run_id, config.sort)
     if status.state is RunState.FAILED:
@@ -141,22 +112,17 @@ def run_not_failed(
     )
 
 
-@_partitioned_check(
-    RUN_NOT_EXPIRED,
-    "The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
-    pool=API_POOL,
-)
 def run_not_expired(
-    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, activecampaign: ActiveCampaignResource
+    context: dg.AssetCheckExecutionContext, config: RunCheckConfig, account: Account
 ) -> dg.AssetCheckResult:
     now = datetime.now(UTC)
     if config.run_id is None:
-        materialized = _materialized(context)
+        materialized = _materialized(context, account.matches_key)
         if materialized is None:
             return _not_applicable(RUN_NOT_EXPIRED)
         started_at = datetime.fromtimestamp(float(materialized[RUN_STARTED_AT]), UTC)
         return _expiry(started_at, str(materialized[RUN_ID]), {RUN_ID: materialized[RUN_ID]}, now)
-    with activecampaign.get_client() as client:
+    with account.api(context).get_client() as client:
         status = client.poll_run(context.partition_key, config.run_id, sort=config.sort)
     if status.state is RunState.EXPIRED:
         return dg.AssetCheckResult(
@@ -171,12 +137,58 @@ def run_not_expired(
     return _expiry(status.run.run_id_start, config.run_id, run_metadata(status.run, config.run_id, config.sort), now)
 
 
-@_partitioned_check(
-    MATCHES_COMPLETE,
-    "The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
-)
-def matches_complete(context: dg.AssetCheckExecutionContext, segment_matches: PartitionSummary) -> dg.AssetCheckResult:
-    return completeness(segment_matches, (_materialized(context) or {}).get(PAGE_TOTAL))
+def build_matches_checks(account: Account) -> list[dg.AssetChecksDefinition]:
+    """`run_not_failed`, `run_not_expired` and `matches_complete` on the account's `segment_matches`.
+
+    All three block: a partition that fails one is never diffed by `segment_membership_changes`
+    (its automation waits for the blocking checks of its dependency to pass).
+    """
+    key = account.matches_key
+    api = {account.api_resource}
+
+    def check(
+        name: str, description: str, *, pool: str | None = None, resources: set[str] | None = None
+    ) -> Callable[[Callable[..., dg.AssetCheckResult]], dg.AssetChecksDefinition]:
+        def define(function: Callable[..., dg.AssetCheckResult]) -> dg.AssetChecksDefinition:
+            with partitioned_checks():  # a preview feature: see `preview`
+                return dg.asset_check(
+                    asset=key,
+                    name=name,
+                    partitions_def=account.segments_partitions,
+                    pool=pool,
+                    blocking=True,
+                    required_resource_keys=resources,
+                    description=description,
+                )(function)
+
+        return define
+
+    @check(
+        RUN_NOT_FAILED,
+        "The segment's match-all run did not fail (run_id_end set while not ready).",
+        pool=account.pool,
+        resources=api,
+    )
+    def not_failed(context: dg.AssetCheckExecutionContext, config: RunCheckConfig) -> dg.AssetCheckResult:
+        return run_not_failed(context, config, account)
+
+    @check(
+        RUN_NOT_EXPIRED,
+        "The run can still be read: not gone (404), and not within 10 days of its 90-day limit.",
+        pool=account.pool,
+        resources=api,
+    )
+    def not_expired(context: dg.AssetCheckExecutionContext, config: RunCheckConfig) -> dg.AssetCheckResult:
+        return run_not_expired(context, config, account)
+
+    @check(
+        MATCHES_COMPLETE,
+        "The stored rows are the whole list: as many as the run's page.total, positions 1..n, no id twice.",
+    )
+    def complete(context: dg.AssetCheckExecutionContext, segment_matches: PartitionSummary) -> dg.AssetCheckResult:
+        return completeness(segment_matches, (_materialized(context, key) or {}).get(PAGE_TOTAL))
+
+    return [not_failed, not_expired, complete]
 
 
 def completeness(summary: PartitionSummary, expected: int | None) -> dg.AssetCheckResult:
@@ -235,6 +247,3 @@ def evaluation(
         description=result.description,
         target_materialization_data=check_target(target) if target is not None else None,
     )
-
-
-run_checks = [run_not_failed, run_not_expired]

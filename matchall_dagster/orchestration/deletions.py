@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import dagster as dg
 
 from matchall_dagster.lifecycle.record import DELETED, LISTED_AGAIN, DeletionRecord
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.metadata import labelled
-from matchall_dagster.orchestration.names import DELETED_PARTITIONS, MATCHES_KEY
-from matchall_dagster.orchestration.partitions import segments_partitions
 
 __all__ = [
     "DELETED",
@@ -32,31 +31,32 @@ __all__ = [
     "NotForgettableError",
     "deleted_ids",
     "deleted_observation",
-    "deleted_segments",
     "forget",
     "is_deleted",
     "listed_again_observation",
+    "mark_deleted",
 ]
 
-deleted_segments = dg.DynamicPartitionsDefinition(name=DELETED_PARTITIONS)
 MISSING_TWICE = "missing from two listings in a row"
 KICKOFF_404 = "the kick-off answered 404 (no such segment)"
 
 
-def deleted_ids(instance: dg.DagsterInstance) -> set[str]:
-    assert deleted_segments.name is not None
-    return set(instance.get_dynamic_partitions(deleted_segments.name))
+def deleted_ids(instance: dg.DagsterInstance, account: Account) -> set[str]:
+    return set(instance.get_dynamic_partitions(account.deleted_name))
 
 
-def is_deleted(instance: dg.DagsterInstance, segment_id: str) -> bool:
-    assert deleted_segments.name is not None
-    return instance.has_dynamic_partition(deleted_segments.name, segment_id)
+def is_deleted(instance: dg.DagsterInstance, account: Account, segment_id: str) -> bool:
+    return instance.has_dynamic_partition(account.deleted_name, segment_id)
 
 
-def deleted_observation(segment_id: str, reason: str, name: str | None = None) -> dg.AssetObservation:
+def mark_deleted(instance: dg.DagsterInstance, account: Account, segment_ids: list[str]) -> None:
+    instance.add_dynamic_partitions(account.deleted_name, segment_ids)
+
+
+def deleted_observation(account: Account, segment_id: str, reason: str, name: str | None = None) -> dg.AssetObservation:
     metadata = DeletionRecord(status=DELETED, reason=reason, segment_name=name or None).to_metadata()
     return dg.AssetObservation(
-        asset_key=MATCHES_KEY,
+        asset_key=account.matches_key,
         partition=segment_id,
         description=f"ActiveCampaign no longer has {labelled(segment_id, name)} ({reason}): marked deleted, no "
         f"longer kicked off. Its stored rows are kept. It comes back by itself if ActiveCampaign lists it again; "
@@ -65,10 +65,10 @@ def deleted_observation(segment_id: str, reason: str, name: str | None = None) -
     )
 
 
-def listed_again_observation(segment_id: str, name: str | None = None) -> dg.AssetObservation:
+def listed_again_observation(account: Account, segment_id: str, name: str | None = None) -> dg.AssetObservation:
     metadata = DeletionRecord(status=LISTED_AGAIN, segment_name=name or None).to_metadata()
     return dg.AssetObservation(
-        asset_key=MATCHES_KEY,
+        asset_key=account.matches_key,
         partition=segment_id,
         description=f"ActiveCampaign lists {labelled(segment_id, name)} again: no longer marked deleted; the next "
         f"kick-off starts a run of it.",
@@ -86,21 +86,19 @@ class NotForgettableError(Exception):
     """The segment is not a partition, or is not marked deleted and `force` was not given."""
 
 
-def forget(instance: dg.DagsterInstance, segment_id: str, *, force: bool = False) -> Forgotten:
+def forget(instance: dg.DagsterInstance, account: Account, segment_id: str, *, force: bool = False) -> Forgotten:
     """Delete the segment's partition of `segment_matches` and its mark; stored rows are kept."""
-    assert segments_partitions.name is not None
-    assert deleted_segments.name is not None
-    if not instance.has_dynamic_partition(segments_partitions.name, segment_id):
+    if not instance.has_dynamic_partition(account.partitions_name, segment_id):
         raise NotForgettableError(
             f"Segment {segment_id!r} is not a partition of segment_matches; `matchall segments` lists the tracked ones."
         )
-    marked = is_deleted(instance, segment_id)
+    marked = is_deleted(instance, account, segment_id)
     if not marked and not force:
         raise NotForgettableError(
             f"Segment {segment_id!r} is not marked deleted: while ActiveCampaign lists it, discovery adds it again. "
             f"To stop tracking it, leave it out of MATCHALL_SEGMENTS; to drop the partition anyway, add --force."
         )
-    instance.delete_dynamic_partition(segments_partitions.name, segment_id)
+    instance.delete_dynamic_partition(account.partitions_name, segment_id)
     if marked:
-        instance.delete_dynamic_partition(deleted_segments.name, segment_id)
+        instance.delete_dynamic_partition(account.deleted_name, segment_id)
     return Forgotten(segment_id, marked)

@@ -14,25 +14,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.api.budget import Priority
 from matchall_dagster.api.errors import ActiveCampaignError
 from matchall_dagster.api.models import Segment
 from matchall_dagster.lifecycle.discovery import DiscoveryCursor, Reconciliation, catalog_due, fingerprints, reconcile
 from matchall_dagster.lifecycle.policy import SENSOR_REQUEST_TIMEOUT
-from matchall_dagster.orchestration.catalog import LIST_PAGE_SIZE, activecampaign_segments_job, names_of, read_catalog
+from matchall_dagster.orchestration.account import Account
+from matchall_dagster.orchestration.catalog import LIST_PAGE_SIZE, names_of, read_catalog
 from matchall_dagster.orchestration.deletions import (
     MISSING_TWICE,
     deleted_ids,
     deleted_observation,
-    deleted_segments,
     listed_again_observation,
 )
-from matchall_dagster.orchestration.kickoff import match_all_kickoff_job
-from matchall_dagster.orchestration.names import CATALOG_JOB, DISCOVERY_SENSOR
-from matchall_dagster.orchestration.partitions import segments_partitions, tracked
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+
+__all__ = ["build_discovery_sensor"]
 
 # The wall clock of the catalog's refresh rule; tests move it forward instead of waiting.
 clock: Callable[[], float] = time.time
@@ -56,7 +54,7 @@ class _Actions:
 
 
 def _actions(
-    change: Reconciliation, names: dict[str, str], duckdb: DuckDBResource, now: float, log: logging.Logger
+    account: Account, change: Reconciliation, names: dict[str, str], database: str, now: float, log: logging.Logger
 ) -> _Actions:
     actions = _Actions()
     if change.new:
@@ -65,72 +63,82 @@ def _actions(
             f"{' ...' if len(change.new) > 20 else ''}"
         )
         digest = hashlib.sha256(",".join(change.new).encode()).hexdigest()[:16]
-        actions.partitions.append(segments_partitions.build_add_request(change.new))
+        actions.partitions.append(account.segments_partitions.build_add_request(change.new))
         actions.requests.append(
             dg.RunRequest(
-                job_name=match_all_kickoff_job.name,
+                job_name=account.name("match_all_kickoff_job"),
                 run_key=f"discovered/{digest}/{now:.0f}",  # a segment forgotten, then listed again, is started again
-                run_config={"ops": {"start_match_all_runs": {"config": {"segment_ids": change.new}}}},
+                run_config={"ops": {account.name("start_match_all_runs"): {"config": {"segment_ids": change.new}}}},
             )
         )
         actions.done.append(f"added {len(change.new)}")
     if change.to_mark:
-        known_names = names_of(read_catalog(duckdb.database, change.to_mark, patience=0.5))
+        known_names = names_of(read_catalog(database, change.to_mark, patience=0.5))
         log.warning(
             f"{len(change.to_mark)} tracked segment(s) missing from two listings in a row, marked deleted (their "
             f"rows are kept): {', '.join(change.to_mark[:20])}{' ...' if len(change.to_mark) > 20 else ''}"
         )
-        actions.partitions.append(deleted_segments.build_add_request(change.to_mark))
-        actions.events.extend(deleted_observation(s, MISSING_TWICE, known_names.get(s)) for s in change.to_mark)
+        actions.partitions.append(dg.AddDynamicPartitionsRequest(account.deleted_name, change.to_mark))
+        actions.events.extend(
+            deleted_observation(account, s, MISSING_TWICE, known_names.get(s)) for s in change.to_mark
+        )
         actions.done.append(f"marked {len(change.to_mark)} deleted")
     if change.listed_again:
         log.info(f"{len(change.listed_again)} segment(s) marked deleted are listed again: unmarked.")
-        actions.partitions.append(deleted_segments.build_delete_request(change.listed_again))
-        actions.events.extend(listed_again_observation(s, names.get(s)) for s in change.listed_again)
+        actions.partitions.append(dg.DeleteDynamicPartitionsRequest(account.deleted_name, change.listed_again))
+        actions.events.extend(listed_again_observation(account, s, names.get(s)) for s in change.listed_again)
         actions.done.append(f"unmarked {len(change.listed_again)}")
     if change.missing_once:
         actions.done.append(f"{len(change.missing_once)} missing once")
     return actions
 
 
-@dg.sensor(
-    name=DISCOVERY_SENSOR,
-    jobs=[match_all_kickoff_job, activecampaign_segments_job],
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Lists the account's saved segments (GET /api/3/audiences, one request per 10,000): adds the new "
-    "ones admitted by MATCHALL_SEGMENTS as partitions and starts their runs, marks tracked ones missing from two "
-    "listings in a row as deleted (unmarked when listed again), and refreshes the catalog activecampaign_segments "
-    "when the listing changed (sizes alone: at most hourly).",
-)
-def segment_discovery_sensor(
-    context: dg.SensorEvaluationContext,
-    activecampaign: ActiveCampaignResource,
-    duckdb: DuckDBResource,
-) -> dg.SensorResult:
-    assert segments_partitions.name is not None
+def build_discovery_sensor(
+    account: Account, kickoff_job: dg.JobDefinition, catalog_job: dg.UnresolvedAssetJobDefinition
+) -> dg.SensorDefinition:
+    """The account's discovery sensor; it launches the kick-off of new segments and the catalog's refresh."""
+
+    @dg.sensor(
+        name=account.name("segment_discovery_sensor"),
+        jobs=[kickoff_job, catalog_job],
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={account.api_resource, account.duckdb_resource},
+        description=f"Lists the saved segments of {account.label} (GET /api/3/audiences, one request per 10,000): "
+        f"adds the new ones the selection admits ({account.segments.describe()}) as partitions and starts their "
+        "runs, marks tracked ones missing from two listings in a row as deleted (unmarked when listed again), and "
+        "refreshes the catalog when the listing changed (sizes alone: at most hourly).",
+    )
+    def segment_discovery_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        return discover(context, account, catalog_job.name)
+
+    return segment_discovery_sensor
+
+
+def discover(context: dg.SensorEvaluationContext, account: Account, catalog_job: str) -> dg.SensorResult:
+    """One tick of the discovery sensor."""
     now = clock()
     try:
-        listed = _listing(activecampaign)
+        listed = _listing(account.api(context))
     except ActiveCampaignError as exc:  # not a listing: nothing counts as missing
         return dg.SensorResult(skip_reason=f"Could not list the account's segments: {exc}", cursor=context.cursor)
     cursor = DiscoveryCursor.load(context.cursor, context.log)
     instance = context.instance
-    partitions = set(instance.get_dynamic_partitions(segments_partitions.name))
-    deleted = deleted_ids(instance)
+    partitions = set(instance.get_dynamic_partitions(account.partitions_name))
+    deleted = deleted_ids(instance, account)
     listed_ids = [segment.id for segment in listed]
     names = {segment.id: segment.name for segment in listed}
-    admitted = set(tracked([*listed_ids, *partitions]))
+    admitted = set(account.segments.tracked([*listed_ids, *partitions], names, unknown_name=True))
     change = reconcile(listed_ids, admitted, partitions, deleted, cursor.missing)
 
-    actions = _actions(change, names, duckdb, now, context.log)
+    actions = _actions(account, change, names, account.duckdb(context).database, now, context.log)
     requests, partition_requests, events, done = actions.requests, actions.partitions, actions.events, actions.done
 
     after_deleted = (deleted | set(change.to_mark)) - set(change.listed_again)
     structure, counts = fingerprints(listed, partitions | set(change.new), after_deleted)
     why = catalog_due(cursor, structure, counts, now)
     if why is not None:
-        requests.append(dg.RunRequest(job_name=CATALOG_JOB, run_key=f"catalog/{now:.0f}", tags={"matchall/why": why}))
+        requests.append(dg.RunRequest(job_name=catalog_job, run_key=f"catalog/{now:.0f}", tags={"matchall/why": why}))
         cursor = DiscoveryCursor(cursor.missing, structure, counts, now)
         done.append(f"catalog refresh requested ({why})")
     cursor.missing = change.missing_once

@@ -16,7 +16,6 @@ record of that kick-off yet.
 from collections.abc import Iterable
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from matchall_dagster.api.errors import (
@@ -27,24 +26,20 @@ from matchall_dagster.api.errors import (
 )
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_sort
 from matchall_dagster.lifecycle.record import PENDING, key
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.catalog import names_of, read_catalog
-from matchall_dagster.orchestration.deletions import KICKOFF_404, deleted_ids, deleted_observation, deleted_segments
+from matchall_dagster.orchestration.deletions import KICKOFF_404, deleted_ids, deleted_observation, mark_deleted
 from matchall_dagster.orchestration.metadata import labelled
-from matchall_dagster.orchestration.names import API_POOL, KICKOFF_JOB, KICKOFF_SCHEDULE, MATCHES_KEY
-from matchall_dagster.orchestration.partitions import segments_partitions, tracked
 from matchall_dagster.orchestration.pending_runs import pending_observation, pending_record
-from matchall_dagster.orchestration.resource import ActiveCampaignResource
-from matchall_dagster.settings import ConfigurationError, settings
+from matchall_dagster.settings import ConfigurationError
 
 __all__ = [
     "KICKOFF",
     "PENDING",
     "KickoffConfig",
+    "build_kickoff",
     "kickoff_id",
-    "match_all_kickoff_job",
-    "match_all_kickoff_schedule",
     "pending_observation",
-    "start_match_all_runs",
     "started_segments",
 ]
 
@@ -58,7 +53,7 @@ def kickoff_id(run: dg.DagsterRun) -> str:
     return run.root_run_id or run.get_root_run_id() or run.run_id
 
 
-def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
+def started_segments(instance: dg.DagsterInstance, account: Account, kickoff: str) -> set[str]:
     """The segments whose runs earlier attempts of this kick-off (and this one) recorded as pending.
 
     Read where the readiness sensor reads them, the asset's observations (not the runs' own logs:
@@ -71,7 +66,7 @@ def started_segments(instance: dg.DagsterInstance, kickoff: str) -> set[str]:
     cursor = None
     while True:
         page = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=MATCHES_KEY, after_timestamp=since),
+            dg.AssetRecordsFilter(asset_key=account.matches_key, after_timestamp=since),
             limit=RESUME_PAGE,
             cursor=cursor,
             ascending=True,
@@ -95,19 +90,17 @@ def _remaining(segment_ids: Iterable[str], started: set[str]) -> list[str]:
     return remaining
 
 
-def _mark_deleted(context: dg.OpExecutionContext, segment_id: str, name: str | None) -> None:
+def _mark_deleted(context: dg.OpExecutionContext, account: Account, segment_id: str, name: str | None) -> None:
     """A tracked segment the API does not know any more: marked (not kicked off again), rows kept."""
-    assert segments_partitions.name is not None
-    assert deleted_segments.name is not None
-    if not context.instance.has_dynamic_partition(segments_partitions.name, segment_id):
+    if not context.instance.has_dynamic_partition(account.partitions_name, segment_id):
         return  # an id given in the run configuration, never tracked: nothing to mark
-    context.instance.add_dynamic_partitions(deleted_segments.name, [segment_id])
-    context.log_event(deleted_observation(segment_id, KICKOFF_404, name))
+    mark_deleted(context.instance, account, [segment_id])
+    context.log_event(deleted_observation(account, segment_id, KICKOFF_404, name))
 
 
-def _without_deleted(context: dg.OpExecutionContext, segment_ids: list[str]) -> list[str]:
+def _without_deleted(context: dg.OpExecutionContext, account: Account, segment_ids: list[str]) -> list[str]:
     """The segments not marked deleted (a marked one comes back when ActiveCampaign lists it again)."""
-    deleted = deleted_ids(context.instance)
+    deleted = deleted_ids(context.instance, account)
     skipped = [segment_id for segment_id in segment_ids if segment_id in deleted]
     if skipped:
         context.log.info(
@@ -119,46 +112,62 @@ def _without_deleted(context: dg.OpExecutionContext, segment_ids: list[str]) -> 
 
 
 class KickoffConfig(dg.Config):
-    sort: str = Field(default=DEFAULT_SORT, description="The sort of every run started.")
+    sort: str = Field(default=DEFAULT_SORT, description="The sort of every run started. Empty: the account's.")
     segment_ids: list[str] | None = Field(
         default=None, description="Segments to start runs for; when empty, every tracked segment partition."
     )
 
 
-@dg.op(
-    pool=API_POOL,
-    description="Start a match-all run for each tracked segment not marked deleted and record it as pending; a "
-    "re-execution starts only the segments the interrupted attempt had not recorded. A segment answering 404 is "
-    "marked deleted.",
-)
-def start_match_all_runs(
-    context: dg.OpExecutionContext,
-    config: KickoffConfig,
-    activecampaign: ActiveCampaignResource,
-    duckdb: DuckDBResource,
-) -> None:
+def build_kickoff(account: Account) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]:
+    """The account's kick-off job and its schedule (`Account.kickoff_cron`)."""
+
+    class AccountKickoffConfig(KickoffConfig):
+        sort: str = Field(default=account.sort, description="The sort of every run started. Empty: the account's.")
+
+    @dg.op(
+        name=account.name("start_match_all_runs"),
+        pool=account.pool,
+        required_resource_keys={account.api_resource, account.duckdb_resource},
+        description="Start a match-all run for each tracked segment not marked deleted and record it as pending; a "
+        "re-execution starts only the segments the interrupted attempt had not recorded. A segment answering 404 "
+        "is marked deleted.",
+    )
+    def start_match_all_runs(context: dg.OpExecutionContext, config: AccountKickoffConfig) -> None:
+        start_runs(context, account, config)
+
+    @dg.job(
+        name=account.name("match_all_kickoff_job"),
+        description="Starts match-all runs for the tracked segments; the readiness sensor takes it from there.",
+        tags=dict(account.tags) or None,
+    )
+    def match_all_kickoff_job() -> None:
+        start_match_all_runs()
+
+    return match_all_kickoff_job, _kickoff_schedule(account, match_all_kickoff_job)
+
+
+def start_runs(context: dg.OpExecutionContext, account: Account, config: KickoffConfig) -> None:
     try:
-        sort = validate_sort(config.sort)
+        sort = validate_sort(config.sort or account.sort)
     except ActiveCampaignError as exc:
         raise dg.Failure(description=f"{exc} Fix the kick-off's run configuration.") from None
-    assert segments_partitions.name is not None
-    segment_ids = tracked(config.segment_ids or context.instance.get_dynamic_partitions(segments_partitions.name))
-    segment_ids = _without_deleted(context, segment_ids)
-    names = names_of(read_catalog(duckdb.database))  # one local read; empty without a catalog
+    names = names_of(read_catalog(account.duckdb(context).database))  # one local read; empty without a catalog
+    chosen = config.segment_ids or context.instance.get_dynamic_partitions(account.partitions_name)
+    segment_ids = _without_deleted(context, account, account.segments.tracked(chosen, names, unknown_name=True))
     kickoff = kickoff_id(context.dagster_run)
-    done = started_segments(context.instance, kickoff)  # empty unless this kick-off was interrupted
+    done = started_segments(context.instance, account, kickoff)  # empty unless this kick-off was interrupted
     todo = _remaining(segment_ids, done)
     if done:
         context.log.info(f"Resuming kick-off {kickoff}: {len(done)} segment(s) already started, {len(todo)} to start.")
     failures: dict[str, str] = {}
     started = 0
-    with activecampaign.get_client() as client:  # each start takes its place in the account's budget
+    with account.api(context).get_client() as client:  # each start takes its place in the account's budget
         for segment_id in todo:
             try:
                 run = client.start_run(segment_id, sort=sort)
             except SegmentNotFoundError as exc:
                 context.log.warning(f"Skipped {labelled(segment_id, names.get(segment_id))}: {exc}")
-                _mark_deleted(context, segment_id, names.get(segment_id))
+                _mark_deleted(context, account, segment_id, names.get(segment_id))
                 continue
             except (AuthenticationError, BudgetStoreError) as exc:  # the same for every segment: stop at once
                 raise dg.Failure(description=str(exc)) from None
@@ -169,7 +178,8 @@ def start_match_all_runs(
             # The one window where an interruption makes a re-execution start a segment twice: from
             # this start request reaching the API to the record below being stored (a round trip
             # and one write); one segment at most, since segments are started one after the other.
-            context.log_event(pending_observation(segment_id, run, sort, kickoff=kickoff, name=names.get(segment_id)))
+            name = names.get(segment_id)
+            context.log_event(pending_observation(account, segment_id, run, sort, kickoff=kickoff, name=name))
             started += 1
             if started % PROGRESS_EVERY == 0:
                 context.log.info(f"Started {started} of {len(todo)} run(s).")
@@ -189,29 +199,19 @@ def start_match_all_runs(
         )
 
 
-@dg.job(
-    name=KICKOFF_JOB,
-    description="Starts match-all runs for the tracked segments; the readiness sensor takes it from there.",
-)
-def match_all_kickoff_job() -> None:
-    start_match_all_runs()
-
-
-def _kickoff_schedule(cron: str) -> dg.ScheduleDefinition:
+def _kickoff_schedule(account: Account, job: dg.JobDefinition) -> dg.ScheduleDefinition:
+    cron = account.kickoff_cron
     try:
         return dg.ScheduleDefinition(
-            name=KICKOFF_SCHEDULE,
-            job=match_all_kickoff_job,
+            name=account.name("match_all_kickoff_schedule"),
+            job=job,
             cron_schedule=cron,
             execution_timezone="UTC",
             default_status=dg.DefaultScheduleStatus.RUNNING,
-            description="Daily: a fresh match-all run for every tracked segment (cron from MATCHALL_KICKOFF_CRON).",
+            description=f"A fresh match-all run for every tracked segment of {account.label}, on {cron!r} (UTC).",
         )
     except dg.DagsterInvalidDefinitionError:
         raise ConfigurationError(
-            f"MATCHALL_KICKOFF_CRON: {cron!r} is not a cron expression Dagster accepts (five fields, such as "
-            f"'0 6 * * *'). Fix or unset the variable."
+            f"kickoff_cron (MATCHALL_KICKOFF_CRON): {cron!r} is not a cron expression Dagster accepts (five fields, "
+            f"such as '0 6 * * *'). Fix it."
         ) from None
-
-
-match_all_kickoff_schedule = _kickoff_schedule(settings().kickoff_cron)

@@ -19,10 +19,10 @@ from matchall_dagster.api.models import MatchAllRun
 from matchall_dagster.lifecycle.cursor import ReadinessCursor
 from matchall_dagster.lifecycle.policy import Due, PendingRun, pending_run, plan
 from matchall_dagster.lifecycle.record import PENDING, PendingRecord, status_of
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.dagster_private import latest_observation_ids
 from matchall_dagster.orchestration.deletions import is_deleted
 from matchall_dagster.orchestration.metadata import labelled
-from matchall_dagster.orchestration.names import MATCHES_KEY, SEGMENTS_PARTITIONS
 
 OBSERVATION_PAGE = 2_000  # records read at most per query
 
@@ -30,6 +30,7 @@ _log = logging.getLogger(__name__)
 
 
 def pending_observation(
+    account: Account,
     segment_id: str,
     run: MatchAllRun,
     sort: str,
@@ -39,7 +40,7 @@ def pending_observation(
 ) -> dg.AssetObservation:
     record = PendingRecord.of(run, sort, attempt=attempt, kickoff=kickoff, name=name)
     return dg.AssetObservation(
-        asset_key=MATCHES_KEY,
+        asset_key=account.matches_key,
         partition=segment_id,
         description=f"Match-all run {run.run_id} of {labelled(segment_id, name)} pending since "
         f"{run.run_id_start:%Y-%m-%d %H:%M:%S} UTC.",
@@ -67,7 +68,14 @@ def _pending_run(record: dg.EventLogRecord, now: float, log: logging.Logger) -> 
 
 
 def new_pending(
-    instance: dg.DagsterInstance, after: int | None, budget: int, now: float, log: logging.Logger, *, until: float
+    instance: dg.DagsterInstance,
+    account: Account,
+    after: int | None,
+    budget: int,
+    now: float,
+    log: logging.Logger,
+    *,
+    until: float,
 ) -> tuple[list[PendingRun], int | None, int]:
     """The first `budget` pending runs recorded after `after` that no newer record of their segment
     replaces; the id of the last record read; how many were passed over as replaced.
@@ -81,14 +89,14 @@ def new_pending(
     size = 2 * budget
     while True:
         page = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=MATCHES_KEY, after_storage_id=last), limit=size, ascending=True
+            dg.AssetRecordsFilter(asset_key=account.matches_key, after_storage_id=last), limit=size, ascending=True
         )
         parsed = [(record, _pending_run(record, now, log)) for record in page.records]
         oldest: dict[str, int] = {}
         for record, run in parsed:
             if run is not None:
                 oldest.setdefault(run.segment_id, record.storage_id)
-        newer = newer_pending(instance, oldest, now)
+        newer = newer_pending(instance, account, oldest, now)
         for record, run in parsed:
             last = record.storage_id
             if run is None:
@@ -104,15 +112,17 @@ def new_pending(
         size = min(2 * size, OBSERVATION_PAGE)
 
 
-def newer_pending(instance: dg.DagsterInstance, candidates: dict[str, int], now: float) -> dict[str, int]:
+def newer_pending(
+    instance: dg.DagsterInstance, account: Account, candidates: dict[str, int], now: float
+) -> dict[str, int]:
     """Of these segments (with the record id of the run about to be polled), those with a newer
     pending-run record, and its id. One indexed query for the tick's few segments."""
-    latest = latest_observation_ids(instance, MATCHES_KEY, candidates)
+    latest = latest_observation_ids(instance, account.matches_key, candidates)
     later = [storage_id for segment_id, storage_id in latest.items() if storage_id > candidates[segment_id]]
     if not later:
         return {}
     records = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=MATCHES_KEY, storage_ids=later), limit=len(later)
+        dg.AssetRecordsFilter(asset_key=account.matches_key, storage_ids=later), limit=len(later)
     ).records
     return {
         record.partition_key: record.storage_id
@@ -122,14 +132,19 @@ def newer_pending(instance: dg.DagsterInstance, candidates: dict[str, int], now:
 
 
 def waiting_runs(
-    instance: dg.DagsterInstance, cursor: ReadinessCursor, storage_ids: list[int], now: float, log: logging.Logger
+    instance: dg.DagsterInstance,
+    account: Account,
+    cursor: ReadinessCursor,
+    storage_ids: list[int],
+    now: float,
+    log: logging.Logger,
 ) -> dict[int, PendingRun]:
     """The waiting runs chosen, read back by record id (the cursor does not repeat the records)."""
     if not storage_ids:
         return {}
     runs: dict[int, PendingRun] = {}
     for record in instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=MATCHES_KEY, storage_ids=storage_ids), limit=len(storage_ids)
+        dg.AssetRecordsFilter(asset_key=account.matches_key, storage_ids=storage_ids), limit=len(storage_ids)
     ).records:
         run = _pending_run(record, now, log)
         if run is not None:
@@ -138,9 +153,11 @@ def waiting_runs(
     return runs
 
 
-def is_active(instance: dg.DagsterInstance, segment_id: str) -> bool:
+def is_active(instance: dg.DagsterInstance, account: Account, segment_id: str) -> bool:
     """Still a partition, and not marked deleted: two indexed lookups."""
-    return instance.has_dynamic_partition(SEGMENTS_PARTITIONS, segment_id) and not is_deleted(instance, segment_id)
+    return instance.has_dynamic_partition(account.partitions_name, segment_id) and not is_deleted(
+        instance, account, segment_id
+    )
 
 
 @dataclass(frozen=True)
@@ -156,9 +173,16 @@ class Batch:
 
 
 def load(
-    instance: dg.DagsterInstance, cursor: ReadinessCursor, now: float, budget: int, log: logging.Logger, *, until: float
+    instance: dg.DagsterInstance,
+    account: Account,
+    cursor: ReadinessCursor,
+    now: float,
+    budget: int,
+    log: logging.Logger,
+    *,
+    until: float,
 ) -> Batch:
-    fresh, scanned_to, superseded = new_pending(instance, cursor.after, budget, now, log, until=until)
+    fresh, scanned_to, superseded = new_pending(instance, account, cursor.after, budget, now, log, until=until)
     chosen = plan(
         (Due(due_at, storage_id, False) for storage_id, (due_at, _) in cursor.waiting.items()),
         [Due(run.next_poll_at, run.storage_id, True) for run in fresh],
@@ -166,7 +190,9 @@ def load(
         budget,
     )
     runs = {run.storage_id: run for run in fresh}
-    runs.update(waiting_runs(instance, cursor, [item.storage_id for item in chosen if not item.fresh], now, log))
+    runs.update(
+        waiting_runs(instance, account, cursor, [item.storage_id for item in chosen if not item.fresh], now, log)
+    )
     # A segment with a newer pending run drops the older one: never materialize stale members last.
     # (New records were sifted as they were read.)
     candidates: dict[str, int] = {}
@@ -174,5 +200,5 @@ def load(
         if not item.fresh and item.storage_id in runs:
             segment_id = runs[item.storage_id].segment_id
             candidates[segment_id] = min(item.storage_id, candidates.get(segment_id, item.storage_id))
-    newer = newer_pending(instance, candidates, now)
+    newer = newer_pending(instance, account, candidates, now)
     return Batch(chosen, runs, newer, fresh, scanned_to, superseded)

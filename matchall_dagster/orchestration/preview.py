@@ -28,10 +28,17 @@ def resolving_definitions() -> Iterator[None]:
 
     Binding the top-level resources, Dagster re-creates the sensors that target a job (discovery
     targets the kick-off job) and passes their `owners=` itself, which warns that `owners` is a
-    beta parameter: Dagster's warning about its own call, not about anything the project chose.
+    beta parameter; and merging the definitions of a defs folder, it re-creates the asset checks
+    with their `execution_type`, which warns the same way. Dagster's warnings about its own calls,
+    not about anything the project chose.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="Parameter `owners` of initializer `SensorDefinition.__init__`", category=dg.BetaWarning
+        )
+        warnings.filterwarnings(
+            "ignore",
+            message="Parameter `execution_type` of function `AssetsDefinition.__init__`",
+            category=dg.BetaWarning,
         )
         yield

@@ -43,21 +43,15 @@ from matchall_dagster.lifecycle.policy import (
     backed_off,
     decide,
 )
-from matchall_dagster.orchestration.assets import segment_matches
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.metadata import labelled
-from matchall_dagster.orchestration.names import (
-    MATCHES_JOB,
-    MATCHES_KEY,
-    READINESS_SENSOR,
-    RUN_NOT_EXPIRED,
-    RUN_NOT_FAILED,
-)
+from matchall_dagster.orchestration.names import RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.pending_runs import Batch, is_active, load, pending_observation
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
-from matchall_dagster.orchestration.small_reads import batch_requests, is_small, read_small_segments
+from matchall_dagster.orchestration.small_reads import batch_requests, is_small
 from matchall_dagster.settings import settings
 
-__all__ = ["POLL_WINDOW_SECONDS", "REQUESTS_PER_TICK", "TICK_DEADLINE_SECONDS", "match_all_readiness_sensor"]
+__all__ = ["POLL_WINDOW_SECONDS", "REQUESTS_PER_TICK", "TICK_DEADLINE_SECONDS", "build_readiness"]
 
 SENSOR_MAX_RETRIES = 0
 NEW_RECORDS_SECONDS = 4.0  # at most this long reading new records a tick (a long history takes several)
@@ -93,29 +87,27 @@ def _polling_client(activecampaign: ActiveCampaignResource, window_ends: float) 
     )
 
 
-# One partition of segment_matches with its checks: a large segment's read, or a check alone.
-segment_matches_job = dg.define_asset_job(MATCHES_JOB, selection=dg.AssetSelection.assets(segment_matches))
-
-
-def materialize_request(run: PendingRun) -> dg.RunRequest:
+def materialize_request(account: Account, run: PendingRun) -> dg.RunRequest:
     return dg.RunRequest(
-        job_name=MATCHES_JOB,
+        job_name=account.name("segment_matches_job"),
         run_key=f"{run.segment_id}/{run.run_id}",  # one materialization per remote run
         partition_key=run.segment_id,
-        run_config={"ops": {"segment_matches": {"config": {"run_id": run.run_id, "sort": run.sort}}}},
+        run_config={
+            "ops": {account.matches_key.to_python_identifier(): {"config": {"run_id": run.run_id, "sort": run.sort}}}
+        },
         tags={"matchall/run_id": run.run_id, "matchall/sort": run.sort, "matchall/polls": str(run.polls)},
     )
 
 
-def check_request(run: PendingRun, check_name: str) -> dg.RunRequest:
+def check_request(account: Account, run: PendingRun, check_name: str) -> dg.RunRequest:
     """A run of one check alone, judging this remote run, so that its verdict lands on the partition."""
     return dg.RunRequest(
-        job_name=MATCHES_JOB,
+        job_name=account.name("segment_matches_job"),
         run_key=f"{run.segment_id}/{run.run_id}/{check_name}",
         partition_key=run.segment_id,
         asset_selection=[],
-        asset_check_keys=[dg.AssetCheckKey(MATCHES_KEY, check_name)],
-        run_config={"ops": {f"segment_matches_{check_name}": {"config": {"run_id": run.run_id, "sort": run.sort}}}},
+        asset_check_keys=[dg.AssetCheckKey(account.matches_key, check_name)],
+        run_config={"ops": {account.check_op(check_name): {"config": {"run_id": run.run_id, "sort": run.sort}}}},
         tags={"matchall/run_id": run.run_id, "matchall/sort": run.sort},
     )
 
@@ -150,6 +142,7 @@ class Poller:
     """Polls one chosen run at a time and says what follows; the tick's state is the client's count."""
 
     instance: dg.DagsterInstance
+    account: Account
     client: ActiveCampaignClient
     log: logging.Logger
     batch: Batch
@@ -204,7 +197,7 @@ class Poller:
         if self.batch.newer.get(run.segment_id, run.storage_id) > run.storage_id:
             return "superseded"
         if run.segment_id not in self._active:
-            self._active[run.segment_id] = is_active(self.instance, run.segment_id)
+            self._active[run.segment_id] = is_active(self.instance, self.account, run.segment_id)
         # Polling a deleted or forgotten segment costs requests for nothing, and a request for a
         # forgotten partition would fail the tick; the next kick-off after it is listed again starts it.
         return "" if self._active[run.segment_id] else "dropped"
@@ -222,16 +215,16 @@ class Poller:
             self.log.info(
                 f"Run {run.run_id} of {segment} is ready; launching the materialization of partition {run.segment_id}."
             )
-            requests = (materialize_request(run),)
+            requests = (materialize_request(self.account, run),)
         elif step is Step.EXPIRED:
             self.log.warning(
                 f"Run {run.run_id} of {segment} expired (404) before it could be read; recording it on the check "
                 f"run_not_expired. The next kick-off starts a new run; to read the segment sooner, materialize "
                 f"partition {run.segment_id} by hand."
             )
-            requests = (check_request(run, RUN_NOT_EXPIRED),)
+            requests = (check_request(self.account, run, RUN_NOT_EXPIRED),)
         elif step in (Step.RESTART, Step.GIVE_UP):
-            requests = (check_request(run, RUN_NOT_FAILED),)
+            requests = (check_request(self.account, run, RUN_NOT_FAILED),)
             fresh = self._restart(run) if step is Step.RESTART else None
             events = () if fresh is None else (fresh,)
             if step is Step.RESTART and fresh is None:  # the start failed: poll the failed run again later
@@ -250,7 +243,13 @@ class Poller:
             self.log.warning(f"Could not start a fresh run of segment {run.segment_id}: {exc}")
             return None
         return pending_observation(
-            run.segment_id, fresh, run.sort, attempt=run.attempt + 1, kickoff=run.kickoff, name=run.segment_name
+            self.account,
+            run.segment_id,
+            fresh,
+            run.sort,
+            attempt=run.attempt + 1,
+            kickoff=run.kickoff,
+            name=run.segment_name,
         )
 
     def _log_failure(self, run: PendingRun, segment: str, step: Step, *, restarted: bool) -> None:
@@ -338,29 +337,46 @@ def merge(cursor: ReadinessCursor, batch: Batch, outcomes: list[Outcome]) -> tup
     return ReadinessCursor(after, waiting), report
 
 
-@dg.sensor(
-    name=READINESS_SENSOR,
-    jobs=[segment_matches_job, read_small_segments],
-    minimum_interval_seconds=15,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Polls each pending match-all run (backing off per run, oldest due first, a fixed request "
-    "budget per tick) and materializes its partition once ready: a large segment in a run of its own, the "
-    "small ones (one page) in batches.",
-)
-def match_all_readiness_sensor(
-    context: dg.SensorEvaluationContext, activecampaign: ActiveCampaignResource
-) -> dg.SensorResult:
+def build_readiness(
+    account: Account, matches: dg.AssetsDefinition, small_reads_job: dg.JobDefinition
+) -> tuple[dg.UnresolvedAssetJobDefinition, dg.SensorDefinition]:
+    """The account's readiness sensor and the job of one partition of `segment_matches` it launches."""
+    # One partition of segment_matches with its checks: a large segment's read, or a check alone.
+    matches_job = dg.define_asset_job(
+        account.name("segment_matches_job"),
+        selection=dg.AssetSelection.assets(matches),
+        tags=dict(account.tags) or None,
+    )
+
+    @dg.sensor(
+        name=account.name("match_all_readiness_sensor"),
+        jobs=[matches_job, small_reads_job],
+        minimum_interval_seconds=account.readiness_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={account.api_resource},
+        description="Polls each pending match-all run (backing off per run, oldest due first, a fixed request "
+        "budget per tick) and materializes its partition once ready: a large segment in a run of its own, the "
+        "small ones (one page) in batches.",
+    )
+    def match_all_readiness_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        return tick(context, account)
+
+    return matches_job, match_all_readiness_sensor
+
+
+def tick(context: dg.SensorEvaluationContext, account: Account) -> dg.SensorResult:
+    """One evaluation of the readiness sensor."""
     attempts = settings().max_run_attempts
     batch_size = settings().small_batch_segments
     started = time.monotonic()
     window_ends = started + POLL_WINDOW_SECONDS
     budget = REQUESTS_PER_TICK
     cursor = ReadinessCursor.load(context.cursor, context.log)
-    batch = load(context.instance, cursor, clock(), budget, context.log, until=started + NEW_RECORDS_SECONDS)
-    client = _polling_client(activecampaign, window_ends)
+    batch = load(context.instance, account, cursor, clock(), budget, context.log, until=started + NEW_RECORDS_SECONDS)
+    client = _polling_client(account.api(context), window_ends)
     try:
         outcomes = poll_each(
-            Poller(context.instance, client, context.log, batch, budget, window_ends, attempts, batch_size)
+            Poller(context.instance, account, client, context.log, batch, budget, window_ends, attempts, batch_size)
         )
     finally:
         client.close()
@@ -370,7 +386,8 @@ def match_all_readiness_sensor(
     small = [outcome.small for outcome in outcomes if outcome.small is not None]
     if small:
         context.log.info(f"{len(small)} small segment(s) ready; reading them in batches of up to {batch_size}.")
-    requests = [request for outcome in outcomes for request in outcome.requests] + batch_requests(small, batch_size)
+    requests = [request for outcome in outcomes for request in outcome.requests]
+    requests += batch_requests(account, small, batch_size)
     events = [event for outcome in outcomes for event in outcome.events]
     return dg.SensorResult(
         run_requests=requests,

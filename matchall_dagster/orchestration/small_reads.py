@@ -39,6 +39,7 @@ from matchall_dagster.api.models import RunStatus
 from matchall_dagster.api.validation import MAX_PAGE_SIZE
 from matchall_dagster.lifecycle.policy import PendingRun
 from matchall_dagster.lifecycle.record import PendingRecord
+from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.assets import (
     SegmentMatchesConfig,
     matches_metadata,
@@ -50,8 +51,7 @@ from matchall_dagster.orchestration.catalog import read_catalog
 from matchall_dagster.orchestration.changes import changes_metadata, plausibility
 from matchall_dagster.orchestration.checks import evaluation, materialized_verdicts
 from matchall_dagster.orchestration.metadata import labelled
-from matchall_dagster.orchestration.names import API_POOL, BATCH_TAG, CHANGES_KEY, MATCHES_KEY, SMALL_READS_JOB
-from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.orchestration.names import BATCH_TAG
 from matchall_dagster.settings import Settings, settings
 from matchall_dagster.storage.history import Step, record_step
 from matchall_dagster.storage.io_manager import PartitionSummary
@@ -63,8 +63,8 @@ __all__ = [
     "SmallRead",
     "SmallReadsConfig",
     "batch_requests",
+    "build_small_reads",
     "is_small",
-    "read_small_segments",
 ]
 
 SMALL_MAX_MEMBERS = MAX_PAGE_SIZE  # one page: the sensor's poll of a ready run already shows its total
@@ -72,7 +72,6 @@ SMALL_MAX_MEMBERS = MAX_PAGE_SIZE  # one page: the sensor's poll of a ready run 
 # the batch's API work at 5/s is then 20-40 s, and a failure of the whole run (a killed process)
 # leaves this many for the next kick-off.
 BATCH_MAX_SEGMENTS = Settings.model_fields["small_batch_segments"].default
-_OP = "read_segment_batch"  # the job's one op
 
 
 def is_small(status: RunStatus) -> bool:
@@ -102,7 +101,7 @@ class SmallReadsConfig(dg.Config):
     max_restarts: int = Field(default=3, ge=0, description="Reads started again when a run changes mid-read.")
 
 
-def batch_requests(runs: Sequence[PendingRun], size: int) -> list[dg.RunRequest]:
+def batch_requests(account: Account, runs: Sequence[PendingRun], size: int) -> list[dg.RunRequest]:
     """Runs of `read_small_segments` for ready small runs, `size` at most each."""
     requests = []
     for start in range(0, len(runs), max(size, 1)):
@@ -125,8 +124,8 @@ def batch_requests(runs: Sequence[PendingRun], size: int) -> list[dg.RunRequest]
         requests.append(
             dg.RunRequest(
                 run_key=f"small/{digest}",
-                job_name=SMALL_READS_JOB,
-                run_config={"ops": {_OP: {"config": {"reads": reads}}}},
+                job_name=account.name("read_small_segments"),
+                run_config={"ops": {account.name("read_segment_batch"): {"config": {"reads": reads}}}},
                 tags={BATCH_TAG: str(len(chunk))},
             )
         )
@@ -167,11 +166,14 @@ class _Batch:
     def __init__(
         self,
         context: dg.OpExecutionContext,
+        account: Account,
         config: SmallReadsConfig,
         client: ActiveCampaignClient,
         duckdb: DuckDBResource,
     ) -> None:
         self.context = context
+        self.matches_key = account.matches_key
+        self.changes_key = account.changes_key
         self.client = client
         self.duckdb = duckdb
         self.read_config = SegmentMatchesConfig(
@@ -191,7 +193,7 @@ class _Batch:
             matches = read_when_ready(log, self.client, segment_id, read.run_id, read.sort, self.read_config)
         except (RunFailedError, RunExpiredError) as exc:
             log.warning(f"{labelled(segment_id, read.segment_name)}: {exc}")
-            self._log(run_verdict(exc, self.context.instance, segment_id, read.run_id, read.sort))
+            self._log(run_verdict(exc, self.context.instance, self.matches_key, segment_id, read.run_id, read.sort))
             return "run ended"
         except ActiveCampaignError as exc:
             return self._hand_back(read, exc)
@@ -212,10 +214,10 @@ class _Batch:
         segment (an opening costs tens of milliseconds) and is never held while the API is waited for."""
         written = self._each(items, self._write)
         recorded = self._each(written, self._record)
-        for item, record in self._latest(CHANGES_KEY, recorded):
+        for item, record in self._latest(self.changes_key, recorded):
             assert item.step is not None
             verdict = plausibility(item.step, self.max_share)
-            self._log(evaluation(verdict, CHANGES_KEY, item.segment_id, record))
+            self._log(evaluation(verdict, self.changes_key, item.segment_id, record))
             self.stored += 1
 
     def _each(self, items: list[_Read], write: Callable[[Any, _Read], None]) -> list[_Read]:
@@ -242,12 +244,12 @@ class _Batch:
     def _record(self, connection: Any, item: _Read) -> None:
         """The materialization of `segment_matches`, its verdicts, the history step, the materialization of
         `segment_membership_changes`: as the asset, its checks and the history asset would record them."""
-        self._log(dg.AssetMaterialization(MATCHES_KEY, partition=item.segment_id, metadata=item.metadata))
-        ((_, record),) = self._latest(MATCHES_KEY, [item])
+        self._log(dg.AssetMaterialization(self.matches_key, partition=item.segment_id, metadata=item.metadata))
+        ((_, record),) = self._latest(self.matches_key, [item])
         stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}  # type: ignore[union-attr]
         assert item.summary is not None
         for result in materialized_verdicts(stored, item.summary, datetime.now(UTC)):
-            self._log(evaluation(result, MATCHES_KEY, item.segment_id, record))
+            self._log(evaluation(result, self.matches_key, item.segment_id, record))
         item.step = record_step(
             connection,
             item.segment_id,
@@ -255,7 +257,8 @@ class _Batch:
             run_id=item.matches.run.run_id,
             observed_at=datetime.fromtimestamp(record.timestamp, UTC),
         )
-        self._log(dg.AssetMaterialization(CHANGES_KEY, partition=item.segment_id, metadata=changes_metadata(item.step)))
+        changes = changes_metadata(item.step)
+        self._log(dg.AssetMaterialization(self.changes_key, partition=item.segment_id, metadata=changes))
 
     def _log(self, event: dg.AssetMaterialization | dg.AssetObservation | dg.AssetCheckEvaluation) -> None:
         # An op's `log_event` handles check evaluations (as an asset's does); its annotation omits them.
@@ -293,7 +296,7 @@ class _Batch:
         record = PendingRecord(**read.model_dump(exclude={"segment_id", "polls"}), alone=True)
         self._log(
             dg.AssetObservation(
-                MATCHES_KEY,
+                self.matches_key,
                 partition=read.segment_id,
                 description=f"Match-all run {read.run_id} handed back by a batch, to be read alone.",
                 metadata=record.to_metadata(),
@@ -303,15 +306,33 @@ class _Batch:
         return "handed back"
 
 
-@dg.op(name=_OP, pool=API_POOL, description="Reads a batch of small ready segments (see small_reads).")
-def read_small_segments_op(
-    context: dg.OpExecutionContext,
-    config: SmallReadsConfig,
-    activecampaign: ActiveCampaignResource,
-    duckdb: DuckDBResource,
-) -> None:
-    with activecampaign.get_client() as client:
-        batch = _Batch(context, config, client, duckdb)
+def build_small_reads(account: Account) -> dg.JobDefinition:
+    """The account's `read_small_segments` job (its one op reads a batch; see the module)."""
+
+    @dg.op(
+        name=account.name("read_segment_batch"),
+        pool=account.pool,
+        required_resource_keys={account.api_resource, account.duckdb_resource},
+        description="Reads a batch of small ready segments (see small_reads).",
+    )
+    def read_segment_batch(context: dg.OpExecutionContext, config: SmallReadsConfig) -> None:
+        read_batch(context, account, config)
+
+    @dg.job(
+        name=account.name("read_small_segments"),
+        description="Reads a batch of small ready segments in one run: for each, the partition of segment_matches, "
+        "its checks and segment_membership_changes, as their own runs would. Launched by the readiness sensor.",
+        tags=dict(account.tags) or None,
+    )
+    def read_small_segments() -> None:
+        read_segment_batch()
+
+    return read_small_segments
+
+
+def read_batch(context: dg.OpExecutionContext, account: Account, config: SmallReadsConfig) -> None:
+    with account.api(context).get_client() as client:
+        batch = _Batch(context, account, config, client, account.duckdb(context))
         read = [batch.read(one) for one in config.reads]
     batch.store([item for item in read if isinstance(item, _Read)])
     counts = {"stored": batch.stored, "run ended": read.count("run ended"), "handed back": batch.handed_back}
@@ -321,12 +342,3 @@ def read_small_segments_op(
         + ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
         + "."
     )
-
-
-@dg.job(
-    name=SMALL_READS_JOB,
-    description="Reads a batch of small ready segments in one run: for each, the partition of segment_matches, "
-    "its checks and segment_membership_changes, as their own runs would. Launched by the readiness sensor.",
-)
-def read_small_segments() -> None:
-    read_small_segments_op()

@@ -14,6 +14,7 @@ import duckdb
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.lifecycle.cursor import ReadinessCursor
 from matchall_dagster.lifecycle.policy import FIRST_POLL_DELAY
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.pending_runs import pending_observation
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimulatorServer
 from matchall_dagster_tests.conftest import sensor_context
@@ -88,7 +89,7 @@ def record_pending(
         for segment_id in segment_ids:
             run = client.start_run(segment_id, sort=sort)
             name = (names or {}).get(segment_id)
-            instance.report_runless_asset_event(pending_observation(segment_id, run, sort, name=name))
+            instance.report_runless_asset_event(pending_observation(DEFAULT_ACCOUNT, segment_id, run, sort, name=name))
             runs[segment_id] = run.run_id
     return runs
 

@@ -21,6 +21,7 @@ import duckdb
 import pytest
 
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, MatchAllRun
+from matchall_dagster.api.validation import DEFAULT_SORT
 from matchall_dagster.definitions import build_definitions
 from matchall_dagster.orchestration.assets import size_note
 from matchall_dagster.orchestration.catalog import read_catalog
@@ -294,10 +295,10 @@ def test_requests_metadata_counts_every_request_of_the_materialization(
     [
         ({"sort": "name"}, r"The sort 'name' has an unknown key 'name'\..*Fix the run configuration"),
         ({"sort": "last_name, -first_name"}, r"unknown key ' -first_name'"),
-        ({"sort": ""}, r"The sort is empty"),
+        ({"sort": ","}, r"The sort ',' has an unknown key ''"),
         ({"run_id": "../runs"}, r"The run id '\.\./runs' is not a valid ActiveCampaign id"),
     ],
-    ids=["unknown-key", "space", "empty", "run-id"],
+    ids=["unknown-key", "space", "empty-key", "run-id"],
 )
 def test_invalid_run_config_fails_the_run_with_a_clear_message_and_sends_nothing(
     defs: dg.Definitions,
@@ -313,6 +314,18 @@ def test_invalid_run_config_fails_the_run_with_a_clear_message_and_sends_nothing
     assert re.search(message, failure_message(result))
     assert not result.asset_materializations_for_node("segment_matches")
     assert not table_exists(duckdb_file)
+
+
+@pytest.mark.parametrize("config", [{}, {"sort": ""}], ids=["left-out", "empty"])
+def test_a_sort_left_out_or_empty_is_the_account_s_sort(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, config: dict[str, str]
+) -> None:
+    """The launchpad's sort, left empty, is the account's (DEFAULT_SORT): no longer refused as empty."""
+    result = materialize_segment(defs, instance, "10001", config)
+    assert result.success
+    (run,) = server.simulator.runs.values()
+    assert run.sort == DEFAULT_SORT
+    assert materialization(result)["sort"] == DEFAULT_SORT
 
 
 def test_a_sort_change_mid_read_is_read_again_from_the_first_page(
@@ -454,7 +467,9 @@ def run_matches_complete(
     job = defs.resolve_implicit_global_asset_job_def().get_subset(
         asset_check_selection={dg.AssetCheckKey(ASSET_KEY, MATCHES_COMPLETE)}
     )
-    return job.execute_in_process(instance=instance, partition_key=segment_id, resources=defs.resources)
+    return job.execute_in_process(
+        instance=instance, partition_key=segment_id, resources=defs.resources, raise_on_error=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -499,7 +514,10 @@ def test_matches_complete_fails_when_the_stored_rows_disagree_with_the_run(
 
     result = run_matches_complete(defs, instance, "10001")
 
-    assert result.success  # a failed check of ERROR severity does not fail the run
+    # The check is blocking: its failed verdict (ERROR severity) fails its step, and so the run.
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    assert "blocking asset check failed" in str(failure.event_specific_data)
     (evaluation,) = result.get_asset_check_evaluations()
     assert not evaluation.passed
     assert evaluation.partition == "10001"
@@ -508,7 +526,9 @@ def test_matches_complete_fails_when_the_stored_rows_disagree_with_the_run(
     assert not recorded_evaluation(instance, MATCHES_COMPLETE, "10001", result.run_id).passed
     assert not result.asset_materializations_for_node("segment_matches")
     assert server.simulator.stats()["requests"] == requests  # the check reads DuckDB only
-    assert run_matches_complete(defs, instance, "1").get_asset_check_evaluations()[0].passed
+    intact = run_matches_complete(defs, instance, "1")
+    assert intact.success
+    assert intact.get_asset_check_evaluations()[0].passed
 
 
 # -- the schedule, the sensors and the materializations, end to end ---------------------------
@@ -524,6 +544,7 @@ def test_schedule_sensors_and_materializations_end_to_end(
     tracked = ["1", "10001", "99"]  # 99 takes an hour to be ready
     names = {segment.id: segment.name for segment in server.simulator.account.segments}
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", ",".join(tracked))
+    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     kickoff_job = defs.resolve_job_def("match_all_kickoff_job")
 
     readiness = defs.resolve_sensor_def("match_all_readiness_sensor")

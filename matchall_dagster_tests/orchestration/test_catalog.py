@@ -18,14 +18,8 @@ import pytest
 
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.api.models import Segment
-from matchall_dagster.orchestration.catalog import (
-    CATALOG_KEY,
-    COLUMNS,
-    PREVIEW_ROWS,
-    activecampaign_segments,
-    read_catalog,
-)
-from matchall_dagster.orchestration.names import API_POOL
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
+from matchall_dagster.orchestration.catalog import COLUMNS, PREVIEW_ROWS, read_catalog
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster.storage import io_manager as storage
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog
@@ -109,13 +103,14 @@ def test_the_catalog_holds_every_listed_segment_by_its_segment_id(
     assert all(column.description for column in schema.columns)
 
 
-def test_the_asset_is_declared_for_analysts_and_the_api_pool() -> None:
-    spec = activecampaign_segments.specs_by_key[CATALOG_KEY]
+def test_the_asset_is_declared_for_analysts_and_the_api_pool(defs: dg.Definitions) -> None:
+    activecampaign_segments = defs.get_assets_def(DEFAULT_ACCOUNT.catalog_key)
+    spec = activecampaign_segments.specs_by_key[DEFAULT_ACCOUNT.catalog_key]
     assert spec.kinds == {"duckdb", "pandas"}
     assert activecampaign_segments.partitions_def is None
     schema = spec.metadata["dagster/column_schema"]
     assert {column.name for column in schema.columns} >= {"segment_id", "name", "last_total", "status"}
-    assert activecampaign_segments.op.pool == API_POOL
+    assert activecampaign_segments.op.pool == DEFAULT_ACCOUNT.pool
 
 
 def test_an_account_without_segments_writes_an_empty_table(

@@ -14,12 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from matchall_dagster.orchestration.changes import CHANGES_KEY, MAX_SHARE_VARIABLE, PLAUSIBLE
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
+from matchall_dagster.orchestration.changes import MAX_SHARE_VARIABLE, PLAUSIBLE
 from matchall_dagster.settings import ConfigurationError, settings
 from matchall_dagster.simulator import SimAccount, SimSegment, SimulatorServer
 from matchall_dagster.storage import history as store
 from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment, set_setting
+
+CHANGES_KEY = DEFAULT_ACCOUNT.changes_key
 
 
 def evolving_account() -> SimAccount:

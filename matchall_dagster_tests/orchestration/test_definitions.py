@@ -13,7 +13,8 @@ import warnings
 import matchall_dagster  # the package (no Dagster import); any filter it sets is dropped below
 warnings.resetwarnings()
 warnings.simplefilter("error")
-from matchall_dagster.definitions import defs
+from matchall_dagster.definitions import defs as load_defs
+defs = load_defs()
 for name in ("match_all_readiness_sensor", "segment_discovery_sensor", "membership_changes_automation"):
     defs.resolve_sensor_def(name)
 defs.resolve_job_def("match_all_kickoff_job")

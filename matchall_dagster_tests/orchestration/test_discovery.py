@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from matchall_dagster import ActiveCampaignClient
+from matchall_dagster.definitions import build_definitions
 from matchall_dagster.lifecycle.discovery import COUNTS_REFRESH_SECONDS, DiscoveryCursor, reconcile
 from matchall_dagster.lifecycle.record import STATUS, key
-from matchall_dagster.orchestration.names import MATCHES_KEY
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import apply_tick, materialize_segment, set_setting
 from matchall_dagster_tests.orchestration.sensor_ticks import DISCOVERY, LOG, Clock, stored_rows, tick
@@ -44,7 +45,9 @@ def catalog_requests(data: dg.SensorExecutionData) -> int:
 def deletions_of(instance: dg.DagsterInstance) -> dict[str, list[str]]:
     """The deletion events of each partition, oldest first (their `matchall/status`)."""
     found: dict[str, list[str]] = {}
-    records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=MATCHES_KEY), limit=1000, ascending=True)
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=DEFAULT_ACCOUNT.matches_key), limit=1000, ascending=True
+    )
     for record in records.records:
         assert record.asset_observation is not None
         status = record.asset_observation.metadata[STATUS].value
@@ -83,9 +86,10 @@ def test_discovery_adds_segments_by_their_segment_id_and_starts_their_runs(
 
 
 def test_discovery_honours_the_allow_list(
-    instance: dg.DagsterInstance, defs: dg.Definitions, monkeypatch: pytest.MonkeyPatch
+    instance: dg.DagsterInstance, defs: dg.Definitions, duckdb_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", "10001, 1,not-there")
+    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     (request,) = tick(instance, defs, DISCOVERY).dynamic_partitions_requests
     assert list(request.partition_keys) == ["1", "10001"]
 
@@ -177,10 +181,15 @@ def test_a_deleted_segment_listed_again_comes_back(
 
 @pytest.mark.usefixtures("fast_budget")
 def test_a_partition_outside_the_allow_list_is_never_marked(
-    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    server: SimulatorServer,
+    duckdb_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, cursor = discover(instance, defs)
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", "1,10001")
+    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     drop_segments(server, "25001", "1")
     _, cursor = discover(instance, defs, cursor)
     _, cursor = discover(instance, defs, cursor)

@@ -14,16 +14,14 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from dagster_duckdb import DuckDBResource
 
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource
 from matchall_dagster.api.models import MatchAllRun
-from matchall_dagster.definitions import build_definitions
+from matchall_dagster.definitions import account_definitions, build_definitions
 from matchall_dagster.lifecycle.record import STATUS, key
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.deletions import KICKOFF_404
-from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING, match_all_kickoff_job
-from matchall_dagster.orchestration.names import MATCHES_KEY as ASSET_KEY
-from matchall_dagster.settings import duckdb_path
+from matchall_dagster.orchestration.kickoff import KICKOFF, PENDING
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, SimAccount, SimSegment, SimulatorServer
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_catalog, set_setting
 
@@ -48,7 +46,9 @@ def kickoff(
 
 
 def pending_by_partition(instance: dg.DagsterInstance) -> dict[str, dict[str, object]]:
-    records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=ASSET_KEY), limit=100, ascending=True)
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=DEFAULT_ACCOUNT.matches_key), limit=100, ascending=True
+    )
     found: dict[str, dict[str, object]] = {}
     for record in records.records:
         assert record.asset_observation is not None
@@ -59,10 +59,15 @@ def pending_by_partition(instance: dg.DagsterInstance) -> dict[str, dict[str, ob
 
 
 def test_every_tracked_partition_gets_a_run_recorded_as_pending(
-    instance: dg.DagsterInstance, defs: dg.Definitions, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    server: SimulatorServer,
+    duckdb_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     instance.add_dynamic_partitions("segments", ["1", "10001", "25001"])
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", "1,25001")
+    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     result = kickoff(instance, defs, sort="-cdate")
     assert result.success
     pending = pending_by_partition(instance)
@@ -102,7 +107,7 @@ def test_a_tracked_segment_answering_404_is_marked_deleted_and_skipped_by_the_ne
     assert instance.get_dynamic_partitions("deleted_segments") == ["10001"]
     assert "10001" in instance.get_dynamic_partitions("segments")  # the partition (and its rows) stay
     records = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=["10001"]), limit=5
+        dg.AssetRecordsFilter(asset_key=DEFAULT_ACCOUNT.matches_key, asset_partitions=["10001"]), limit=5
     ).records
     (record,) = records
     assert record.asset_observation is not None
@@ -179,7 +184,7 @@ def pending_of_kickoff(instance: dg.DagsterInstance, kickoff: str) -> Counter[st
     cursor = None
     while True:
         page = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=ASSET_KEY), limit=1_000, cursor=cursor, ascending=True
+            dg.AssetRecordsFilter(asset_key=DEFAULT_ACCOUNT.matches_key), limit=1_000, cursor=cursor, ascending=True
         )
         for record in page.records:
             assert record.asset_observation is not None
@@ -259,8 +264,8 @@ def kickoff_job_for_subprocess() -> dg.JobDefinition:
         api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
         requests_per_second=float(os.environ.get("KICKOFF_TEST_RATE", "5")),
     )
-    resources = {"activecampaign": resource, "duckdb": DuckDBResource(database=duckdb_path())}
-    return dg.Definitions(jobs=[match_all_kickoff_job], resources=resources).resolve_job_def("match_all_kickoff_job")
+    defs = account_definitions(DEFAULT_ACCOUNT, resource)  # its DuckDB file: duckdb_path()
+    return defs.resolve_job_def("match_all_kickoff_job")
 
 
 _RUN_KICKOFF = """

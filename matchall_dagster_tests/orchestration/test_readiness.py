@@ -318,7 +318,10 @@ def test_the_requested_check_runs_record_the_verdict_on_the_partition(
             partition_key=request.partition_key,
             run_config=request.run_config,
             resources=defs.resources,
+            raise_on_error=False,
         )
+        # The checks are blocking: the failed verdict (ERROR severity) fails the check's run too.
+        assert not result.success
         (evaluation,) = result.get_asset_check_evaluations()
         assert (evaluation.partition, evaluation.passed) == (request.partition_key, False)
         assert evaluation.severity is dg.AssetCheckSeverity.ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import pytest
 from matchall_dagster.lifecycle.policy import PendingRun
 from matchall_dagster.lifecycle.record import PendingRecord
 from matchall_dagster.orchestration import small_reads
-from matchall_dagster.orchestration.changes import CHANGES_KEY
-from matchall_dagster.orchestration.names import BATCH_TAG, MATCHES_KEY, PLAUSIBLE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
+from matchall_dagster.orchestration.checks import evaluation, materialized_verdicts
+from matchall_dagster.orchestration.names import BATCH_TAG, PLAUSIBLE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.small_reads import batch_requests
 from matchall_dagster.simulator import SimulatorServer
 from matchall_dagster.storage.partitions import replace_partition
@@ -22,6 +24,8 @@ from matchall_dagster_tests.orchestration.sensor_ticks import READINESS, reads_o
 
 pytestmark = pytest.mark.usefixtures("sensor_clock")
 
+MATCHES_KEY = DEFAULT_ACCOUNT.matches_key
+CHANGES_KEY = DEFAULT_ACCOUNT.changes_key
 SMALL = ("1", "9999", "10000", "100")  # one page or less, the empty segment included
 
 
@@ -189,10 +193,12 @@ def test_batches_hold_at_most_the_configured_number_of_segments(
     defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pending = [PendingRun(segment_id=str(i), run_id=f"r{i}", sort="id", started_at=0.0) for i in range(5)]
-    requests = batch_requests(pending, 2)
+    requests = batch_requests(DEFAULT_ACCOUNT, pending, 2)
     assert [request.tags[BATCH_TAG] for request in requests] == ["2", "2", "1"]
     assert len({request.run_key for request in requests}) == 3
-    assert [request.run_key for request in batch_requests(pending, 2)] == [request.run_key for request in requests]
+    assert [request.run_key for request in batch_requests(DEFAULT_ACCOUNT, pending, 2)] == [
+        request.run_key for request in requests
+    ]
 
     set_setting(monkeypatch, "MATCHALL_SMALL_BATCH_SEGMENTS", "0")  # every segment in a run of its own
     record_pending(instance, server, "1", "9999")
@@ -201,8 +207,20 @@ def test_batches_hold_at_most_the_configured_number_of_segments(
     assert sorted(read.segment_id for read in reads_of(data)) == ["1", "9999"]
 
 
+@pytest.mark.parametrize(
+    ("verdicts_logged", "later"),
+    # A first read left without its changes is taken up one tick later once its blocking checks
+    # passed; one whose verdicts were never logged is not diffed (its blocking checks did not pass).
+    [(True, {"9999"}), (False, set())],
+    ids=["stopped-after-the-verdicts", "stopped-before-the-verdicts"],
+)
 def test_a_tick_between_a_batch_s_two_materializations_requests_nothing(
-    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    server: SimulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    verdicts_logged: bool,
+    later: set[str],
 ) -> None:
     """The automation's tick lands after a batch's materialization of segment_matches and before its
     materialization of segment_membership_changes (here: the batch stops in between)."""
@@ -213,6 +231,11 @@ def test_a_tick_between_a_batch_s_two_materializations_requests_nothing(
 
     def matches_only(self: Any, connection: Any, item: Any) -> None:
         self._log(dg.AssetMaterialization(MATCHES_KEY, partition=item.segment_id, metadata=item.metadata))
+        if verdicts_logged:  # as `_Batch._record` logs them, before the history step
+            ((_, record),) = self._latest(MATCHES_KEY, [item])
+            stored = {key: value.value for key, value in record.asset_materialization.metadata.items()}
+            for result in materialized_verdicts(stored, item.summary, datetime.now(UTC)):
+                self._log(evaluation(result, MATCHES_KEY, item.segment_id, record))
 
     monkeypatch.setattr(f"{small_reads.__name__}._Batch._record", matches_only)
     record_pending(instance, server, "1", "9999")  # 1 again, 9999 for the first time
@@ -222,7 +245,7 @@ def test_a_tick_between_a_batch_s_two_materializations_requests_nothing(
         matches = latest(instance, MATCHES_KEY, segment_id)
         assert matches is not None
         assert matches.run_id == stopped.run_id
-    for expected in (set(), {"9999"}):  # a first read left without its changes is taken up one tick later
+    for expected in (set(), later):  # a first read left without its changes is taken up one tick later
         evaluated = dg.evaluate_automation_conditions(
             defs=defs, instance=instance, asset_selection=selection, cursor=evaluated.cursor
         )

@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.assets import members_frame
-from matchall_dagster.orchestration.partitions import segments_partitions
 from matchall_dagster.simulator import SimulatorServer
 from matchall_dagster.storage import io_manager as storage
 from matchall_dagster.storage.io_manager import MatchallDuckDBIOManager, PartitionSummary
@@ -37,7 +37,7 @@ class StandInRows(dg.Config):
 
 @dg.asset(
     name="segment_matches",
-    partitions_def=segments_partitions,
+    partitions_def=DEFAULT_ACCOUNT.segments_partitions,
     metadata={"partition_expr": "segment_id"},
 )
 def stand_in(context: dg.AssetExecutionContext, config: StandInRows) -> pd.DataFrame:
@@ -293,7 +293,7 @@ def test_concurrent_runs_of_different_partitions_share_the_file(
 summaries: list[PartitionSummary] = []
 
 
-@dg.asset(partitions_def=segments_partitions)
+@dg.asset(partitions_def=DEFAULT_ACCOUNT.segments_partitions)
 def summary_reader(segment_matches: PartitionSummary) -> None:
     summaries.append(segment_matches)
 
@@ -303,7 +303,9 @@ def summarize(instance: dg.DagsterInstance, duckdb_file: Path, segment_id: str) 
     summaries.clear()
     if segment_id not in instance.get_dynamic_partitions("segments"):
         instance.add_dynamic_partitions("segments", [segment_id])
-    source = dg.AssetSpec(ASSET_KEY, partitions_def=segments_partitions, metadata={"partition_expr": "segment_id"})
+    source = dg.AssetSpec(
+        ASSET_KEY, partitions_def=DEFAULT_ACCOUNT.segments_partitions, metadata={"partition_expr": "segment_id"}
+    )
     dg.materialize(
         [source, summary_reader],
         selection=[summary_reader],

@@ -1,0 +1,142 @@
+"""What every account's definitions carry: blocking checks, the freshness policy, table metadata."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from matchall_dagster.definitions import kickoff_freshness
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT, Account, SegmentSelection
+from matchall_dagster.orchestration.names import MATCHES_COMPLETE
+from matchall_dagster.settings import ConfigurationError
+from matchall_dagster.simulator import SimulatorServer
+from matchall_dagster_tests.conftest import materialize_segment
+
+MATCHES = DEFAULT_ACCOUNT.matches_key
+CHANGES = DEFAULT_ACCOUNT.changes_key
+
+
+def test_a_partition_whose_blocking_check_failed_is_never_diffed(
+    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path
+) -> None:
+    """Rows lost between the write and the check: matches_complete fails, and the membership history
+    of that partition waits, while the partition beside it is diffed."""
+    selection = dg.AssetSelection.assets(CHANGES)
+    idle = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    materialize_segment(defs, instance, "9999")  # its checks pass
+    # "10000": the asset alone, then a row lost, then its checks in a run of their own.
+    instance.add_dynamic_partitions(DEFAULT_ACCOUNT.partitions_name, ["10000"])
+    assert dg.materialize(
+        [defs.get_assets_def(MATCHES)], partition_key="10000", instance=instance, resources=defs.resources
+    ).success
+    with duckdb.connect(str(duckdb_file)) as connection:
+        connection.execute("delete from main.segment_matches where segment_id = '10000' and position = 7")
+    complete = dg.AssetCheckKey(MATCHES, MATCHES_COMPLETE)
+    job = defs.resolve_job_def("segment_matches_job").get_subset(
+        asset_selection=set(), asset_check_selection={complete}
+    )
+    checks = job.execute_in_process(partition_key="10000", instance=instance, raise_on_error=False)
+    (verdict,) = checks.get_asset_check_evaluations()
+    assert not verdict.passed
+    assert not checks.success  # a blocking check that fails fails its run
+    assert verdict.description is not None
+    assert "9999 rows stored where the run holds 10000" in verdict.description
+    after = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, asset_selection=selection, cursor=idle.cursor
+    )
+    assert after.get_requested_partitions(CHANGES) == {"9999"}
+
+
+def test_the_tables_are_described_for_the_ui(defs: dg.Definitions, duckdb_file: Path) -> None:
+    """Columns with descriptions, the table's name, and the account's group on every asset."""
+    for key, table, columns in (
+        (MATCHES, "segment_matches", ["segment_id", "position", "contact_id"]),
+        (CHANGES, "segment_membership_changes", ["segment_id", "contact_id", "change", "run_id", "observed_at"]),
+        (DEFAULT_ACCOUNT.catalog_key, "activecampaign_segments", None),
+    ):
+        spec = defs.get_assets_def(key).specs_by_key[key]
+        schema = spec.metadata["dagster/column_schema"]
+        assert isinstance(schema, dg.TableSchema)
+        assert all(column.description for column in schema.columns)
+        if columns is not None:
+            assert [column.name for column in schema.columns] == columns
+        assert spec.metadata["dagster/table_name"] == f"{duckdb_file.stem}.main.{table}"
+        assert spec.group_name == "activecampaign"
+    assert isinstance(defs.get_assets_def(MATCHES).specs_by_key[MATCHES].freshness_policy, dg.FreshnessPolicy)
+
+
+@pytest.mark.parametrize(
+    ("cron", "gap"),
+    [("0 6 * * *", timedelta(days=1)), ("0 6 * * 1-5", timedelta(days=1)), ("*/30 * * * *", timedelta(minutes=30))],
+)
+def test_the_freshness_window_is_the_shortest_gap_between_kickoffs(cron: str, gap: timedelta) -> None:
+    policy = kickoff_freshness(cron)
+    assert isinstance(policy, dg.FreshnessPolicy)
+    assert (policy.deadline_cron, policy.lower_bound_delta) == (cron, gap)  # type: ignore[attr-defined]
+
+
+def test_a_cron_that_never_fires_is_refused() -> None:
+    with pytest.raises((ConfigurationError, dg.DagsterInvalidDefinitionError, ValueError)):
+        kickoff_freshness("0 0 31 2 *")
+
+
+def test_names_are_today_s_without_a_prefix_and_prefixed_with_one() -> None:
+    assert (DEFAULT_ACCOUNT.matches_key, DEFAULT_ACCOUNT.pool, DEFAULT_ACCOUNT.name("segment_matches_job")) == (
+        dg.AssetKey("segment_matches"),
+        "activecampaign",
+        "segment_matches_job",
+    )
+    acme = Account(key_prefix=("acme", "eu"))
+    assert acme.matches_key == dg.AssetKey(["acme", "eu", "segment_matches"])
+    assert (acme.pool, acme.partitions_name, acme.deleted_name) == (
+        "acme_eu_activecampaign",
+        "acme_eu_segments",
+        "acme_eu_deleted_segments",
+    )
+    assert acme.check_op("matches_complete") == "acme__eu__segment_matches_matches_complete"
+
+
+def test_a_prefixed_account_gets_a_duckdb_file_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MATCHALL_DUCKDB_PATH", str(tmp_path / "matchall.duckdb"))
+    from matchall_dagster.settings import settings
+
+    settings.cache_clear()
+    assert DEFAULT_ACCOUNT.database() == str(tmp_path / "matchall.duckdb")
+    assert Account(key_prefix=("acme",)).database() == str(tmp_path / "matchall_acme.duckdb")
+
+
+@pytest.mark.parametrize(
+    ("selection", "admitted"),
+    [
+        (SegmentSelection(), ["1", "2", "3"]),
+        (SegmentSelection(ids=frozenset({"2"})), ["2"]),
+        (SegmentSelection(name_pattern="^News"), ["1"]),
+    ],
+)
+def test_a_selection_admits_by_id_or_by_name(selection: SegmentSelection, admitted: list[str]) -> None:
+    names = {"1": "Newsletter", "2": "VIP"}
+    assert selection.tracked(["1", "2", "3"], names, unknown_name=selection.name_pattern is None) == admitted
+    assert SegmentSelection(name_pattern="^News").tracked(["3"], names, unknown_name=True) == ["3"]
+
+
+@pytest.mark.parametrize(
+    ("choices", "message"),
+    [
+        ({"key_prefix": ("acme-eu",)}, "key_prefix"),
+        ({"segments": "["}, "not a regular expression"),
+        ({"sort": "shoe_size"}, "shoe_size"),
+        ({"readiness_interval_seconds": 1}, "readiness_interval_seconds"),
+    ],
+)
+def test_a_bad_choice_says_what_to_fix(choices: dict[str, object], message: str) -> None:
+    def build() -> None:
+        if "segments" in choices:
+            SegmentSelection(name_pattern=str(choices["segments"]))
+        Account(**choices)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match=message):
+        build()
