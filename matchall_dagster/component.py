@@ -24,6 +24,7 @@ import dagster as dg
 from pydantic import Field
 
 from matchall_dagster.api.config import DEFAULT_REQUESTS_PER_SECOND, RequestsPerSecond
+from matchall_dagster.api.validation import DEFAULT_SORT
 from matchall_dagster.definitions import account_definitions, settings_account
 from matchall_dagster.orchestration.account import SegmentSelection
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
@@ -127,7 +128,7 @@ class MatchAllComponent(dg.Component, dg.Resolvable):
     requests_per_second: RequestsPerSecond = DEFAULT_REQUESTS_PER_SECOND
     request_budget: str | None = None
     segments: Segments | None = None
-    sort: str | None = None
+    sort: str = DEFAULT_SORT
     kickoff_cron: str | None = None
     readiness_interval_seconds: int = 15
     storage: Storage = field(default_factory=Storage)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -45,25 +46,27 @@ def kickoff_freshness(cron: str) -> dg.FreshnessPolicy:
     last materialization must be younger than the gap between kick-offs. Dagster allows no window
     longer than the shortest gap, so a cron with uneven gaps (weekdays only) is judged by its shortest.
     Dagster 1.13 judges a partitioned asset by its latest materialization of any partition."""
-    ticks = dg.TimeWindowPartitionsDefinition(
-        cron_schedule=cron, start=_CRON_SAMPLE_START, fmt="%Y-%m-%dT%H:%M", timezone="UTC"
-    )
+    try:
+        ticks = dg.TimeWindowPartitionsDefinition(
+            cron_schedule=cron, start=_CRON_SAMPLE_START, fmt="%Y-%m-%dT%H:%M", timezone="UTC"
+        )
+    except dg.DagsterInvalidDefinitionError:  # also a cron that never fires, such as '0 0 31 2 *'
+        raise ConfigurationError(
+            f"kickoff_cron (MATCHALL_KICKOFF_CRON): {cron!r} is not a cron expression Dagster accepts (five "
+            f"fields that fire, such as '0 6 * * *'). Fix it."
+        ) from None
     window = ticks.get_first_partition_window()
     gaps: list[timedelta] = []
     while window is not None and len(gaps) < 60:
         gaps.append(window.end - window.start)
         window = ticks.get_next_partition_window(window.end, respect_bounds=False)
-    if not gaps:
-        raise ConfigurationError(f"kickoff_cron: {cron!r} never fires; give a cron expression such as '0 6 * * *'.")
     return dg.FreshnessPolicy.cron(deadline_cron=cron, lower_bound_delta=min(gaps), timezone="UTC")
 
 
-def env_resource(**overrides: object) -> ActiveCampaignResource:
+def env_resource() -> ActiveCampaignResource:
     """The account's API from ACTIVECAMPAIGN_API_URL and ACTIVECAMPAIGN_API_KEY, read when a step needs it."""
     return ActiveCampaignResource(
-        api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"),
-        api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
-        **overrides,  # type: ignore[arg-type]
+        api_url=dg.EnvVar("ACTIVECAMPAIGN_API_URL"), api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY")
     )
 
 
@@ -102,14 +105,17 @@ def account_definitions(account: Account, api: ActiveCampaignResource) -> dg.Def
     )
 
 
-def settings_account(**choices: object) -> Account:
-    """An account with these choices, and where one is None the MATCHALL_* setting's (segments, kick-off cron)."""
+def settings_account(
+    *, segments: SegmentSelection | None = None, kickoff_cron: str | None = None, **choices: Any
+) -> Account:
+    """An account with these choices; the two with a MATCHALL_* setting default to it (MATCHALL_SEGMENTS,
+    MATCHALL_KICKOFF_CRON), the others to `Account`'s."""
     current = settings()
-    defaults: dict[str, object] = {
-        "segments": SegmentSelection(ids=current.segments),
-        "kickoff_cron": current.kickoff_cron,
-    }
-    return Account(**{**defaults, **{name: value for name, value in choices.items() if value is not None}})  # type: ignore[arg-type]
+    return Account(
+        segments=segments or SegmentSelection(ids=current.segments),
+        kickoff_cron=kickoff_cron or current.kickoff_cron,
+        **choices,
+    )
 
 
 def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
