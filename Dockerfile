@@ -29,11 +29,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DAGSTER_HOME=/opt/dagster/dagster_home
 
 # A user of its own: the code server and the runs never run as root. 10001 is the uid the Helm
-# values give to `runAsUser` and `fsGroup` (the DuckDB volume is writable through the group).
+# values give to `runAsUser`. Nothing is kept on the image's disk: the memberships go to the
+# PostgreSQL store (MATCHALL_STORE, deploy/helm/values.yaml).
 RUN groupadd --system --gid 10001 matchall \
     && useradd --system --uid 10001 --gid matchall --home-dir /opt/dagster --no-create-home matchall \
-    && mkdir -p /opt/dagster/dagster_home /opt/dagster/app /var/lib/matchall \
-    && chown -R matchall:matchall /opt/dagster /var/lib/matchall
+    && mkdir -p /opt/dagster/dagster_home /opt/dagster/app \
+    && chown -R matchall:matchall /opt/dagster
 
 COPY --from=build /dist/ /tmp/dist/
 RUN python -m venv /opt/venv \

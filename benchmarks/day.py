@@ -9,8 +9,8 @@ minutes more. The full 10,000 would take hours.
 Each day is a deployment of its own, started as the project's end-to-end tests start theirs:
 
 - A temporary DAGSTER_HOME holding the project's `dagster.yaml` (SQLite storage, the queued run
-  coordinator with `max_concurrent_runs` 4, the pool `activecampaign` at 2), a DuckDB file
-  (`MATCHALL_DUCKDB_PATH`) and the request budget in its default place (a SQLite file in
+  coordinator with `max_concurrent_runs` 4, the pool `activecampaign` at 2), a DuckDB file as the
+  membership store (`MATCHALL_STORE=duckdb:///...`) and the request budget in its default place (a SQLite file in
   DAGSTER_HOME). `dagster-daemon run -w workspace.yaml` runs everything: its code server evaluates
   the sensors (discovery, readiness) and starts a process per run (the default run launcher; a
   `multiprocessing` spawn child of the code server, not an `api execute_run` command line); the
@@ -460,7 +460,7 @@ def _children_env(home: Path, url: str, batch: int, code: Path | None) -> dict[s
         DAGSTER_HOME=str(home),
         ACTIVECAMPAIGN_API_URL=url,
         ACTIVECAMPAIGN_API_KEY=DEFAULT_TOKEN,
-        MATCHALL_DUCKDB_PATH=str(home / "matchall.duckdb"),
+        MATCHALL_STORE=f"duckdb://{home / 'matchall.duckdb'}",
         MATCHALL_SMALL_BATCH_SEGMENTS=str(batch),
         MATCHALL_KICKOFF_CRON=f"0 {away} * * *",  # never during the day
         PYTHONUNBUFFERED="1",

@@ -77,7 +77,7 @@ def kickoff_job() -> dg.JobDefinition:
         requests_per_second=float(os.environ[RATE_VARIABLE]),
         request_budget=os.environ[BUDGET_VARIABLE],
     )
-    # The kick-off reads names from the catalog in the project's DuckDB file, duckdb_path() (none here: no names).
+    # The kick-off reads names from the catalog in the membership store, MATCHALL_STORE (none here: no names).
     defs = account_definitions(DEFAULT_ACCOUNT, resource)
     return defs.resolve_job_def(DEFAULT_ACCOUNT.name("match_all_kickoff_job"))
 
@@ -112,6 +112,7 @@ def run(segments: int, speedup: float, kill_at: float) -> dict[str, Any]:
             **{RATE_VARIABLE: str(rate), BUDGET_VARIABLE: str(Path(home) / BUDGET_FILE)},
         )
         os.environ.pop("MATCHALL_SEGMENTS", None)
+        os.environ.pop("MATCHALL_STORE", None)  # the store in DAGSTER_HOME, whatever the shell says
         simulator = server.simulator
         with dg.DagsterInstance.get() as instance:
             instance.add_dynamic_partitions("segments", ids)

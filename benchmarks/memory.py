@@ -1,8 +1,10 @@
-"""Peak memory of materializing multi-million-member segments through Dagster into DuckDB.
+"""Peak memory of materializing multi-million-member segments through Dagster into the membership store.
 
 Each run is the real thing: `dagster asset materialize --select segment_matches --partition ...`
 (the project's definitions and executor: in-process, every step in the run's process) with a
-temporary DAGSTER_HOME, against the simulator serving the segments from a process of
+temporary DAGSTER_HOME and the store `--store` names (`duckdb`: a file in it, the default;
+`postgresql`: a schema in a database of the run's own on the `--postgres` server, dropped at the
+end), against the simulator serving the segments from a process of
 its own without a rate limit (the client runs at 1,000 requests/s, 8 pages in flight). A sampler
 reads the resident memory (RSS) of the run process and of every process below it every 20 ms;
 each process's own peak is its kernel high-water mark (VmHWM), the tree's is the largest sum seen
@@ -10,13 +12,15 @@ at one instant. Steps are named from the run's event log (the pid of each STEP_S
 
     .venv/bin/python benchmarks/memory.py                  # 10,000,000 members: alone, then 2 in parallel
     .venv/bin/python benchmarks/memory.py --size 2000000   # smaller, quicker
+    .venv/bin/python benchmarks/memory.py --store postgresql
 
-`measure(size, parallel)` returns the figures for other scripts (the benchmark table).
+`measure(size, parallel, store)` returns the figures for other scripts (the benchmark table).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -30,6 +34,8 @@ from pathlib import Path
 
 import psutil
 
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 SIMULATOR_TOKEN = "simulator-token"  # noqa: S105  # the simulator's public demo token
 MIB = 2**20
 SAMPLE_SECONDS = 0.02
@@ -71,6 +77,7 @@ class Scenario:
     rows_stored: dict[str, int]
     executor: str
     simulator_peak_mib: float = 0.0  # the simulator's process so far (it serves every scenario)
+    store: str = "duckdb"
 
     @property
     def exact(self) -> bool:
@@ -206,26 +213,45 @@ def _step_pids(home: Path) -> dict[int, str]:
     return roles
 
 
-def _rows(database: Path) -> dict[str, int]:
-    import duckdb
+def _rows(url: str) -> dict[str, int]:
+    """Rows stored per segment in `segment_matches` of the store at `url`."""
+    from matchall_dagster.storage.store import StoreUrl
 
-    if not database.exists():
-        return {}
-    with duckdb.connect(str(database), read_only=True) as connection:
-        rows = connection.execute("select segment_id, count(*) from segment_matches group by 1").fetchall()
+    parsed = StoreUrl.parse(url)
+    query = "select segment_id, count(*) from segment_matches group by 1"
+    if parsed.kind == "duckdb":
+        import duckdb
+
+        if not Path(parsed.location).exists():
+            return {}
+        with duckdb.connect(parsed.location, read_only=True) as connection:
+            rows = connection.execute(query).fetchall()
+    else:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(parsed.location) as connection:
+            found = connection.execute("select to_regclass(%s)", [f"{parsed.schema}.segment_matches"]).fetchone()
+            if not found or found[0] is None:
+                return {}
+            connection.execute(sql.SQL("set search_path to {}").format(sql.Identifier(parsed.schema)))
+            rows = connection.execute(query).fetchall()
     return {str(segment_id): int(count) for segment_id, count in rows}
 
 
-def run_scenario(name: str, simulator: SimulatorProcess, segment_ids: Sequence[str], size: int) -> Scenario:
-    """Materialize the segments, each in a run of its own, all at once, in a fresh instance."""
+def run_scenario(
+    name: str, simulator: SimulatorProcess, segment_ids: Sequence[str], size: int, store: str | None = None
+) -> Scenario:
+    """Materialize the segments, each in a run of its own, all at once, in a fresh instance, into `store`
+    (a store URL; None: a DuckDB file in the instance's folder)."""
     with tempfile.TemporaryDirectory(prefix="matchall-memory-") as folder:
         home = Path(folder)
         (home / "dagster.yaml").write_text(INSTANCE_YAML.format(home=home))
-        database = home / "matchall.duckdb"
+        url = store or f"duckdb://{home / 'matchall.duckdb'}"
         env = {
             **os.environ,
             "DAGSTER_HOME": str(home),
-            "MATCHALL_DUCKDB_PATH": str(database),
+            "MATCHALL_STORE": url,
             "ACTIVECAMPAIGN_API_URL": simulator.url,
             "ACTIVECAMPAIGN_API_KEY": SIMULATOR_TOKEN,
         }
@@ -280,7 +306,8 @@ def run_scenario(name: str, simulator: SimulatorProcess, segment_ids: Sequence[s
                     processes=processes,
                 )
             )
-        return Scenario(name, size, runs, sampler.total_peak / MIB, _rows(database), EXECUTOR, simulator.peak_mib)
+        kind = url.split("://", 1)[0] if "://" in url else "duckdb"
+        return Scenario(name, size, runs, sampler.total_peak / MIB, _rows(url), EXECUTOR, simulator.peak_mib, kind)
 
 
 def _other_role(cmdline: str) -> str:
@@ -297,24 +324,36 @@ def _other_role(cmdline: str) -> str:
     return f"other ({cmdline[:60]})"
 
 
-def measure(size: int = 10_000_000, parallel: int = 2) -> list[Scenario]:
+def measure(
+    size: int = 10_000_000, parallel: int = 2, store: str = "duckdb", postgres: str = LOCAL_POSTGRES
+) -> list[Scenario]:
     """One segment of `size` members alone, then `parallel` different ones at once, each run with
-    the project's executor."""
+    the project's executor, into `store` (`duckdb` or `postgresql`: a database of its own on `postgres`)."""
+    if str(ROOT) not in sys.path:  # run as a file (`python benchmarks/memory.py`)
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.store import scratch_database
+
     segment_ids = [f"bench{index + 1}" for index in range(max(parallel, 1))]
-    simulator = SimulatorProcess(dict.fromkeys(segment_ids, size))
-    try:
-        scenarios = [run_scenario("alone", simulator, segment_ids[:1], size)]
-        if parallel > 1:
-            scenarios.append(run_scenario(f"{parallel} in parallel", simulator, segment_ids, size))
-    finally:
-        simulator.stop()
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(scratch_database(postgres)) if store == "postgresql" else None
+
+        def url(scenario: int) -> str | None:
+            return f"{database}?schema=scenario{scenario}" if database else None
+
+        simulator = SimulatorProcess(dict.fromkeys(segment_ids, size))
+        try:
+            scenarios = [run_scenario("alone", simulator, segment_ids[:1], size, url(1))]
+            if parallel > 1:
+                scenarios.append(run_scenario(f"{parallel} in parallel", simulator, segment_ids, size, url(2)))
+        finally:
+            simulator.stop()
     return scenarios
 
 
 def report(scenarios: Sequence[Scenario]) -> None:
     for scenario in scenarios:
         print(
-            f"\n{scenario.name}: {scenario.size:,} members a segment; peak of all runs together "
+            f"\n{scenario.name}: {scenario.size:,} members a segment into {scenario.store}; peak of all runs together "
             f"{scenario.total_peak_mib:,.0f} MiB ({scenario.executor} executor; simulator process "
             f"{scenario.simulator_peak_mib:,.0f} MiB)"
         )
@@ -339,13 +378,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000_000, help="members a segment (default 10,000,000)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once in the second scenario (default 2)")
+    parser.add_argument("--store", choices=("duckdb", "postgresql"), default="duckdb", help="the membership store")
+    parser.add_argument("--postgres", default=LOCAL_POSTGRES, help="the postgresql store's server (%(default)s)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead")
     parser.add_argument("--serve-simulator", nargs="+", metavar="ID:SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_simulator:
         _serve_simulator(args.serve_simulator)
         return
-    scenarios = measure(args.size, args.parallel)
+    scenarios = measure(args.size, args.parallel, args.store, args.postgres)
     if args.json:
         print(json.dumps([asdict(scenario) for scenario in scenarios], indent=2))
     else:

@@ -17,6 +17,10 @@ budget in each store, side by side (`--postgres URL` names the server; the SQLit
 in the row's folder); without it, each tool's own default (the client: its memory; the Dagster
 path: the project's file in DAGSTER_HOME).
 
+`--stores duckdb,postgresql` repeats the Dagster rows with the membership store (`MATCHALL_STORE`)
+in each engine, side by side: a fresh DuckDB file in the row's folder, or a fresh schema in a
+database of its own on the `--postgres` server (created for the run and dropped at its end).
+
 Per row: wall seconds of the work (after the process started and imported its libraries; the
 Dagster row includes launching the step subprocess), the floor (`pages / 5 requests/s`) and the
 ratio, CPU seconds of the whole process tree per million ids (interpreter start and imports
@@ -50,6 +54,7 @@ import httpx
 import psutil
 
 from benchmarks.simserver import build_account, segment_id
+from benchmarks.store import scratch_database
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.simulator import DEFAULT_TOKEN
 
@@ -62,6 +67,9 @@ TOOLS = ("ours", "whole", "multiproc", "loop", "dlt")
 # Where our rows keep the account's request budget: "default" is each tool's own (see the docstring).
 BUDGETS = ("default", "memory", "sqlite", "postgres")
 BUDGETED = ("ours", "whole", "multiproc", "whole x2")  # the peers have throttles of their own
+# The membership store of the Dagster rows (the client and the peers write a DuckDB table of their own).
+STORES = ("duckdb", "postgresql")
+STORED = ("whole", "multiproc", "whole x2")
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 LABELS = {
     "ours": "ours (client)",
@@ -236,10 +244,12 @@ class Row:
     ok: bool
     detail: dict[str, Any] = field(default_factory=dict)
     budget: str = "default"
+    store: str = "duckdb"  # the Dagster rows' membership store
+    store_shown: bool = False  # several stores in the run: the label says which
 
     @property
     def label(self) -> str:
-        return LABELS[self.tool] + ("" if self.budget == "default" else f" [{self.budget}]")
+        return label(self.tool, self.budget, self.store if self.store_shown else None)
 
     @property
     def pages(self) -> int:
@@ -257,6 +267,7 @@ class Row:
             "limit": self.limit,
             "tool": self.tool,
             "budget": self.budget,
+            **({"store": self.store} if self.tool in STORED else {}),
             "wall_s": round(self.wall_s, 3),
             "floor_s": floor,
             "wall_over_floor": round(self.wall_s / floor, 3) if floor else None,
@@ -270,15 +281,34 @@ class Row:
         }
 
 
+def label(tool: str, budget: str, store: str | None = None) -> str:
+    """A row's name: the tool, then its request budget and membership store when they are not the default."""
+    extras = ([] if budget == "default" else [budget]) + ([f"{store} store"] if store else [])
+    return LABELS[tool] + (f" [{', '.join(extras)}]" if extras else "")
+
+
 class Bench:
     def __init__(
-        self, sims: dict[bool, Sim], workdir: Path, truth: dict[str, list[int]], postgres: str = LOCAL_POSTGRES
+        self,
+        sims: dict[bool, Sim],
+        workdir: Path,
+        truth: dict[str, list[int]],
+        postgres: str = LOCAL_POSTGRES,
+        store_database: str | None = None,
     ) -> None:
         self.sims = sims
         self.workdir = workdir
         self.truth = truth
         self.postgres = postgres
+        self.store_database = store_database  # a database of the run's own on the server, for postgresql rows
         self.rows: list[Row] = []
+
+    def membership_store(self, store: str, folder: Path) -> str:
+        """The membership store of a Dagster row: a fresh DuckDB file, or a fresh schema."""
+        if store == "duckdb":
+            return f"duckdb://{folder / 'bench.duckdb'}"
+        assert self.store_database, "a postgresql store needs the run's database"
+        return f"{self.store_database}?schema=row{len(self.rows) + 1}"
 
     def store(self, budget: str, folder: Path) -> str | None:
         """The request budget's store of a row (None: the tool's own default)."""
@@ -289,7 +319,7 @@ class Bench:
             "postgres": self.postgres,
         }[budget]
 
-    def _env(self, sim: Sim, home: Path, db: Path, tool: str) -> dict[str, str]:
+    def _env(self, sim: Sim, home: Path, db: Path | str, tool: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             ACTIVECAMPAIGN_API_URL=sim.url,
@@ -302,22 +332,27 @@ class Bench:
         )
         return env
 
-    def measure(self, scenario: Scenario, tool: str, budget: str = "default") -> Row:
+    def measure(
+        self, scenario: Scenario, tool: str, budget: str = "default", store: str = "duckdb", store_shown: bool = False
+    ) -> Row:
         sim = self.sims[scenario.limit]
         copies = 2 if tool == "whole x2" else 1
         segments = [segment_id(scenario.size, copy) for copy in range(copies)]
         run_ids = [sim.ready_run(segment) for segment in segments]
-        folder = Path(tempfile.mkdtemp(prefix=f"{tool.replace(' ', '')}-{budget}-{scenario.size}-", dir=self.workdir))
+        folder = Path(
+            tempfile.mkdtemp(prefix=f"{tool.replace(' ', '')}-{budget}-{store}-{scenario.size}-", dir=self.workdir)
+        )
         home = folder / "dagster_home"
         home.mkdir()
         instance_yaml = _PARALLEL_INSTANCE_YAML if copies > 1 else (ROOT / "dagster.yaml").read_text()
         (home / "dagster.yaml").write_text(instance_yaml)
         db = folder / "bench.duckdb"
-        env = self._env(sim, home, db, tool)
-        store = self.store(budget, folder)
+        env = self._env(sim, home, self.membership_store(store, folder) if tool in STORED else db, tool)
+        budget_store = self.store(budget, folder)
         commands = []
         for segment, run_id in zip(segments, run_ids, strict=True):
-            arguments = ["--segment", segment, "--run-id", run_id, *(["--budget", store] if store else [])]
+            arguments = ["--segment", segment, "--run-id", run_id]
+            arguments += ["--budget", budget_store] if budget_store else []
             if tool.startswith("whole") or tool == "multiproc":
                 commands.append([sys.executable, "-m", "benchmarks.whole_path", *arguments])
             else:
@@ -389,6 +424,8 @@ class Bench:
             ok=ok,
             detail=detail,
             budget=budget,
+            store=store,
+            store_shown=store_shown,
         )
         self.rows.append(row)
         return row
@@ -405,7 +442,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions: dict[str, str | None] = {}
-    for package in ("matchall-dagster", "dagster", "duckdb", "dlt", "httpx", "numpy", "pydantic", "uvicorn"):
+    for package in ("matchall-dagster", "dagster", "duckdb", "psycopg", "dlt", "httpx", "numpy", "pydantic", "uvicorn"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -524,7 +561,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--budgets", default="default", help="our rows' request budget stores, of default,memory,sqlite,postgres"
     )
-    parser.add_argument("--postgres", default=LOCAL_POSTGRES, help="the postgres budget's server (%(default)s)")
+    parser.add_argument(
+        "--stores", default="duckdb", help="the Dagster rows' membership stores, of duckdb,postgresql (default: duckdb)"
+    )
+    parser.add_argument(
+        "--postgres", default=LOCAL_POSTGRES, help="the postgres budget's and store's server (%(default)s)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     args = parser.parse_args(argv)
     tools = [tool for tool in args.tools.split(",") if tool]
@@ -534,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [budget for budget in args.budgets.split(",") if budget]
     if not budgets or set(budgets) - set(BUDGETS):
         parser.error(f"--budgets takes {','.join(BUDGETS)}, not {args.budgets!r}")
+    stores = [store for store in args.stores.split(",") if store]
+    if not stores or set(stores) - set(STORES):
+        parser.error(f"--stores takes {','.join(STORES)}, not {args.stores!r}")
     parallel = not args.no_parallel
     scenarios = plan(args.sizes, args.latencies, tools, parallel)
     info = machine()
@@ -542,20 +587,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Building {len(args.sizes)} segment(s) in the simulators...", flush=True)
     account = build_account(args.sizes, 2 if parallel else 1)
     truth = {segment.id: account.ordered(segment.id, "id")[:3].tolist() for segment in account.segments}
-    with tempfile.TemporaryDirectory(prefix="matchall-bench-") as workdir, simulators(args.sizes, parallel) as sims:
-        bench = Bench(sims, Path(workdir), truth, args.postgres)
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="matchall-bench-"))
+        sims = stack.enter_context(simulators(args.sizes, parallel))
+        database = stack.enter_context(scratch_database(args.postgres)) if "postgresql" in stores else None
+        bench = Bench(sims, Path(workdir), truth, args.postgres, database)
         for scenario in scenarios:
             for sim in sims.values():
                 sim.set_latency(scenario.latency_ms)
             for tool in scenario.tools:
                 for budget in budgets if tool in BUDGETED else ["default"]:
-                    label = (
-                        f"{scenario.size:,} ids, {scenario.latency_ms} ms, {'5/s' if scenario.limit else 'no limit'}"
-                    )
-                    shown = LABELS[tool] + ("" if budget == "default" else f" [{budget}]")
-                    print(f"- {shown}: {label} ...", end=" ", flush=True)
-                    row = bench.measure(scenario, tool, budget)
-                    print(f"{row.wall_s:.2f} s, {row.cpu_s:.2f} CPU s, {row.peak_rss_mb:.0f} MB", flush=True)
+                    for store in stores if tool in STORED else ["duckdb"]:
+                        shown = len(stores) > 1 and tool in STORED
+                        limit = "5/s" if scenario.limit else "no limit"
+                        where = f"{scenario.size:,} ids, {scenario.latency_ms} ms, {limit}"
+                        print(f"- {label(tool, budget, store if shown else None)}: {where} ...", end=" ", flush=True)
+                        row = bench.measure(scenario, tool, budget, store, shown)
+                        print(f"{row.wall_s:.2f} s, {row.cpu_s:.2f} CPU s, {row.peak_rss_mb:.0f} MB", flush=True)
     after = load()
     rows = [row.as_dict() for row in bench.rows]
     report = {"machine": info, "load_before": before, "load_after": after, "rows": rows}

@@ -216,7 +216,7 @@ def environment(
         os.environ["ACTIVECAMPAIGN_API_URL"] = server.url
         os.environ["ACTIVECAMPAIGN_API_KEY"] = DEFAULT_TOKEN
         os.environ.pop("MATCHALL_SEGMENTS", None)
-        defs = build_definitions(duckdb_database=str(Path(folder) / "matchall.duckdb"))
+        defs = build_definitions(store=f"duckdb://{Path(folder) / 'matchall.duckdb'}")
         with dg.instance_for_test(temp_dir=folder) as instance:
             yield server, instance, defs, Path(folder)
 

@@ -1,10 +1,12 @@
-"""The whole path: a Dagster run of `segment_matches` for one partition into a real DuckDB file.
+"""The whole path: a Dagster run of `segment_matches` for one partition into a real membership store.
 
 `python -m benchmarks.whole_path --segment ID --run-id RUN` (with DAGSTER_HOME, the simulator's
 ACTIVECAMPAIGN_API_URL/KEY, MATCHALL_BENCH_DB and MATCHALL_BENCH_RPS in the environment) launches
 what the readiness sensor launches: the asset and its checks for the partition, with the run id,
 through the project's definitions, executor (in-process) and IO manager;
 MATCHALL_BENCH_EXECUTOR=multiprocess runs each step in a subprocess of its own instead.
+MATCHALL_BENCH_DB (or `--store`) is the membership store: a DuckDB file's path or a store URL
+(`duckdb:///path`, `postgresql://USER@HOST:PORT/DATABASE?schema=NAME`), as MATCHALL_STORE takes it.
 `--budget STORE` names the account's request budget (`memory`, a SQLite file, `postgresql://...`)
 the way a deployment does, through MATCHALL_REQUEST_BUDGET (inherited by step subprocesses);
 without it, the project's default: `matchall-request-budget.sqlite` in DAGSTER_HOME.
@@ -29,7 +31,7 @@ from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.settings import settings
 
 RPS_VARIABLE = "MATCHALL_BENCH_RPS"
-DB_VARIABLE = "MATCHALL_BENCH_DB"
+DB_VARIABLE = "MATCHALL_BENCH_DB"  # the membership store: a DuckDB file's path or a store URL
 # "multiprocess": each step in a subprocess of its own, to show what the project's in-process saves.
 EXECUTOR_VARIABLE = "MATCHALL_BENCH_EXECUTOR"
 JOB = "bench_segment_matches"
@@ -37,7 +39,7 @@ BUDGET_VARIABLE = "MATCHALL_REQUEST_BUDGET"  # the project's own setting (settin
 
 
 def bench_definitions() -> dg.Definitions:
-    project = build_definitions(duckdb_database=os.environ[DB_VARIABLE])
+    project = build_definitions(store=os.environ[DB_VARIABLE])
     assert project.executor is dg.in_process_executor, "the benchmark runs the project's executor"
     return dg.Definitions(
         assets=project.assets,
@@ -95,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segment", required=True)
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--budget", help="the request budget's store (default: the project's, in DAGSTER_HOME)")
+    parser.add_argument("--store", help=f"the membership store (default: {DB_VARIABLE} from the environment)")
     args = parser.parse_args(argv)
+    if args.store:
+        os.environ[DB_VARIABLE] = args.store  # read again by the step subprocesses (multiprocess)
     if args.budget:
         os.environ[BUDGET_VARIABLE] = args.budget
         settings.cache_clear()  # read again, with the store, by this process and its step subprocesses
@@ -122,11 +127,13 @@ def main(argv: list[str] | None = None) -> None:
                 metadata = materialization.metadata
                 for name in (
                     "dagster/row_count",
+                    "dagster/partition_row_count",
                     "requests",
                     "pages_read",
                     "elapsed_seconds",
                     "request_budget",
                     "budget_wait_seconds",
+                    "dagster/storage_kind",
                 ):
                     if name in metadata:
                         figures[name] = metadata[name].value
@@ -136,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             for event in result.all_events
             if event.event_type is dg.DagsterEventType.ASSET_CHECK_EVALUATION
         }
-    figures.update(ids=figures.get("dagster/row_count", 0), work_wall_s=work_wall, run_cpu_s=time.process_time() - cpu)
+    stored = figures.get("dagster/partition_row_count", figures.get("dagster/row_count", 0))  # what the store holds
+    figures.update(ids=stored, work_wall_s=work_wall, run_cpu_s=time.process_time() - cpu)
     print(json.dumps(figures, default=str), flush=True)
 
 

@@ -102,7 +102,7 @@ VENV="$PREFIX/venv"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${wheels[0]}" \
   "dagster-k8s==$DAGSTER_K8S_VERSION"
 
-mkdir -p "$PREFIX/app" "$PREFIX/dagster_home" "$PREFIX/duckdb"
+mkdir -p "$PREFIX/app" "$PREFIX/dagster_home"
 cd "$PREFIX/app"  # the image's empty WORKDIR: nothing importable from the repository
 
 step "checking the installed project: from the wheel, no editable install, no extras"
@@ -177,13 +177,15 @@ step "starting the image's entry point: dagster api grpc -m $MODULE"
 port="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 secret() { "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(16))'; }
 # The environment the chart gives the code server: DAGSTER_HOME, DAGSTER_CURRENT_IMAGE, the
-# PostgreSQL password and the API key from Kubernetes secrets (random here), the values' env.
+# PostgreSQL passwords and the API key from Kubernetes secrets (random here), the values' env.
 export DAGSTER_HOME="$PREFIX/dagster_home"
 export DAGSTER_CURRENT_IMAGE="matchall-dagster:build-check"
 DAGSTER_PG_PASSWORD="$(secret)"; export DAGSTER_PG_PASSWORD
+PGPASSWORD="$(secret)"; export PGPASSWORD
 ACTIVECAMPAIGN_API_KEY="$(secret)"; export ACTIVECAMPAIGN_API_KEY
 export ACTIVECAMPAIGN_API_URL="http://127.0.0.1:9"  # loading the code sends no request
-export MATCHALL_DUCKDB_PATH="$PREFIX/duckdb/matchall.duckdb"
+# The values' PostgreSQL store, on a closed loopback port: loading the code opens no connection.
+export MATCHALL_STORE="postgresql://dagster@127.0.0.1:9/dagster?schema=matchall"
 started=$(date +%s.%N)
 set -m  # own process group, default signal handling: TERM stops the server at the end
 "$VENV/bin/dagster" api grpc -h 127.0.0.1 -p "$port" -m "$MODULE" >"$PREFIX/grpc.log" 2>&1 &

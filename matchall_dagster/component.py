@@ -66,10 +66,13 @@ class Segments(dg.Model):
 
 
 class Storage(dg.Model):
-    duckdb_path: str | None = Field(
+    """Where the account's memberships land."""
+
+    url: str | None = Field(
         default=None,
-        description="The account's own DuckDB file. Default: MATCHALL_DUCKDB_PATH, else matchall.duckdb in "
-        "DAGSTER_HOME; a second account must name another file.",
+        description="The membership store: duckdb:///path/to/file.duckdb or postgresql://USER@HOST:PORT/DATABASE"
+        "[?schema=NAME] (the password from PGPASSWORD, never here). Default: MATCHALL_STORE, else matchall.duckdb "
+        "in DAGSTER_HOME; with a key prefix, a file or schema of the account's own (matchall_<prefix>).",
     )
 
 
@@ -151,7 +154,7 @@ class MatchAllComponent(dg.Component, dg.Resolvable):
                 owners=tuple(self.translation.owners),
                 tags=self.translation.tags,
                 descriptions=self.translation.descriptions,
-                duckdb_path=self.storage.duckdb_path,
+                store=self.storage.url,
             )
             api = ActiveCampaignResource(
                 api_url=self.api_url,

@@ -2,9 +2,9 @@
 
 Data flow, per account: segment_discovery_sensor (partitions, deletions, and the catalog
 activecampaign_segments) -> match_all_kickoff_schedule / job (runs started, recorded as pending)
--> match_all_readiness_sensor (polls) -> segment_matches (pages read into DuckDB) -> its blocking
+-> match_all_readiness_sensor (polls) -> segment_matches (pages read into the store) -> its blocking
 checks run_not_failed, run_not_expired, matches_complete -> membership_changes_automation ->
-segment_membership_changes (joined/left appended in DuckDB) -> membership_change_plausible. Small
+segment_membership_changes (joined/left appended in the store) -> membership_change_plausible. Small
 segments (one page) take a shortcut: the sensor reads them in batches (read_small_segments), each
 run doing all of that for up to 100 segments.
 
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.orchestration.account import Account, SegmentSelection
 from matchall_dagster.orchestration.assets import build_segment_matches
@@ -33,7 +32,7 @@ from matchall_dagster.orchestration.readiness import build_readiness
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.orchestration.small_reads import build_small_reads
 from matchall_dagster.settings import ConfigurationError, settings
-from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT, MatchallDuckDBIOManager
+from matchall_dagster.storage.io_manager import MatchallIOManager, MembershipStoreResource
 
 __all__ = ["account_definitions", "build_definitions", "defs", "env_resource", "kickoff_freshness"]
 
@@ -78,7 +77,7 @@ def account_definitions(account: Account, api: ActiveCampaignResource) -> dg.Def
     kickoff_job, kickoff_schedule = build_kickoff(account)
     small_reads_job = build_small_reads(account)
     matches_job, readiness_sensor = build_readiness(account, matches, small_reads_job)
-    database = account.database()
+    store = str(account.store_url())
     return dg.Definitions(
         assets=[catalog, matches, changes],
         asset_checks=build_matches_checks(account),
@@ -95,12 +94,11 @@ def account_definitions(account: Account, api: ActiveCampaignResource) -> dg.Def
             # Every process (runs, the daemon's sensors) takes from one request budget for the
             # account (its URL), kept in MATCHALL_REQUEST_BUDGET (default: a file in DAGSTER_HOME).
             account.api_resource: api,
-            # segment_matches and the catalog land in the account's own DuckDB file; the checks'
-            # PartitionSummary and the membership history are computed in SQL in the same file.
-            account.io_manager_key: MatchallDuckDBIOManager(database=database, schema="main"),
-            account.duckdb_resource: DuckDBResource(
-                database=database, connection_config={"memory_limit": DEFAULT_MEMORY_LIMIT}
-            ),
+            # segment_matches and the catalog land in the account's own store (a DuckDB file or a
+            # PostgreSQL schema); the checks' PartitionSummary and the membership history are computed
+            # in SQL in the same store.
+            account.io_manager_key: MatchallIOManager(store=store),
+            account.store_resource: MembershipStoreResource(url=store),
         },
     )
 
@@ -118,10 +116,10 @@ def settings_account(
     )
 
 
-def build_definitions(*, duckdb_database: str | None = None) -> dg.Definitions:
+def build_definitions(*, store: str | None = None) -> dg.Definitions:
     """The single default account's definitions from the environment, as the `defs/` folder builds them;
-    `duckdb_database` overrides MATCHALL_DUCKDB_PATH (for tests)."""
-    defs = account_definitions(settings_account(duckdb_path=duckdb_database), env_resource())
+    `store` (a URL or a DuckDB file's path) overrides MATCHALL_STORE (for tests)."""
+    defs = account_definitions(settings_account(store=store), env_resource())
     resolve(defs)
     return defs
 

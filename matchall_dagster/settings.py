@@ -14,12 +14,15 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["ConfigurationError", "Settings", "duckdb_path", "settings", "settings_table"]
+if TYPE_CHECKING:
+    from matchall_dagster.storage.store import StoreUrl
+
+__all__ = ["ConfigurationError", "Settings", "settings", "settings_table", "store_url"]
 
 PREFIX = "MATCHALL_"
 BUDGET_FILE = "matchall-request-budget.sqlite"
@@ -38,10 +41,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", case_sensitive=False)
 
-    duckdb_path: Path | None = Field(
+    store: str | None = Field(
         default=None,
-        description="The DuckDB file the memberships land in. Default: `matchall.duckdb` in `DAGSTER_HOME` "
-        "(else the working folder).",
+        description="Where the memberships land: `duckdb:///path/to/file.duckdb` (one machine) or "
+        "`postgresql://USER@HOST:PORT/DATABASE[?schema=NAME]` (several writers; schema `matchall` by default; "
+        "the password from `PGPASSWORD`). Default: `duckdb:///` `matchall.duckdb` in `DAGSTER_HOME` (else the "
+        "working folder).",
     )
     segments: Annotated[frozenset[str] | None, NoDecode] = Field(
         default=None,
@@ -102,6 +107,25 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value.strip()
 
+    @field_validator("store")
+    @classmethod
+    def _known_engine(cls, value: str | None) -> str | None:
+        from matchall_dagster.storage.store import StoreUrl
+
+        return None if value is None else str(StoreUrl.parse(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        old = os.environ.get(f"{PREFIX}DUCKDB_PATH")
+        if old:
+            path = Path(old).expanduser().absolute()
+            raise ValueError(
+                f"{PREFIX}DUCKDB_PATH is no longer read: set {PREFIX}STORE=duckdb://{path} "
+                f"instead (the same file), and unset {PREFIX}DUCKDB_PATH"
+            )
+        return values
+
     @field_validator("kickoff_cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
@@ -110,11 +134,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{value[:60]!r} is not a cron expression of five fields, such as '0 6 * * *'")
         return value
 
-    def database(self) -> str:
-        """The DuckDB file: MATCHALL_DUCKDB_PATH, else matchall.duckdb in DAGSTER_HOME, else here."""
-        if self.duckdb_path is not None:
-            return str(self.duckdb_path)
-        return str(Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb")
+    def store_url(self) -> StoreUrl:
+        """The membership store: MATCHALL_STORE, else matchall.duckdb in DAGSTER_HOME, else here."""
+        from matchall_dagster.storage.store import StoreUrl
+
+        if self.store is not None:
+            return StoreUrl.parse(self.store)
+        return StoreUrl.parse(str(Path(os.environ.get("DAGSTER_HOME") or ".") / "matchall.duckdb"))
 
     def budget_store(self) -> str:
         """The request budget's store: MATCHALL_REQUEST_BUDGET, else a file in DAGSTER_HOME, else memory."""
@@ -140,9 +166,9 @@ def settings() -> Settings:
         ) from None
 
 
-def duckdb_path() -> str:
-    """The DuckDB file of this process's settings (see `Settings.database`)."""
-    return settings().database()
+def store_url() -> StoreUrl:
+    """The membership store of this process's settings (see `Settings.store_url`)."""
+    return settings().store_url()
 
 
 def settings_table() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,34 @@ def duckdb_file(tmp_path: Path) -> Path:
     return tmp_path / "matchall.duckdb"
 
 
+@pytest.fixture(scope="session")
+def postgres_test_database() -> Iterator[str]:
+    """One database on the local server (127.0.0.1:5432, trust auth) for the session's store tests, dropped at
+    the end; each test takes a schema of its own in it (`postgres_store`)."""
+    from matchall_dagster_tests.deployment import postgres_database, require_postgres
+
+    require_postgres()
+    with postgres_database("matchall_store") as name:
+        yield name
+
+
+@pytest.fixture
+def postgres_store(postgres_test_database: str) -> str:
+    """A store URL on the local PostgreSQL server, in a schema of this test's own."""
+    from matchall_dagster_tests.deployment import PG_HOST, PG_PORT, PG_USER
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{postgres_test_database}?schema={schema}"
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A membership store of each engine: a DuckDB file, then a PostgreSQL schema (the same contract)."""
+    if request.param == "duckdb":
+        return f"duckdb://{tmp_path / 'matchall.duckdb'}"
+    return str(request.getfixturevalue("postgres_store"))
+
+
 @pytest.fixture
 def simulator_env(server: SimulatorServer, monkeypatch: pytest.MonkeyPatch) -> SimulatorServer:
     """The environment the definitions read, pointed at the test's simulator."""
@@ -171,7 +200,7 @@ def simulator_env(server: SimulatorServer, monkeypatch: pytest.MonkeyPatch) -> S
 @pytest.fixture
 def defs(simulator_env: SimulatorServer, duckdb_file: Path) -> dg.Definitions:
     """The project's real definitions, against the test's simulator and DuckDB file."""
-    return build_definitions(duckdb_database=str(duckdb_file))
+    return build_definitions(store=str(duckdb_file))
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ account.
 
 `run_deployment(artifacts)` creates a database of its own on the PostgreSQL server at
 127.0.0.1:5432, starts everything, and on exit stops every process it started (by process
-group, even when the test failed) and drops the database. Logs of the daemon and the webserver,
-the DAGSTER_HOME (with its compute logs) and the DuckDB file stay in the artifacts folder.
+group, even when the test failed) and drops the database. That one database holds what
+production keeps on its server: Dagster's instance, the memberships (MATCHALL_STORE, the schema
+`matchall`) and the request budget. Logs of the daemon and the webserver and the DAGSTER_HOME
+(with its compute logs) stay in the artifacts folder.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,10 @@ from typing import Any
 import dagster as dg
 import httpx
 import psutil
+import psycopg
 import psycopg2
 import pytest
+from psycopg import sql
 
 from matchall_dagster.simulator import (
     DEFAULT_TOKEN,
@@ -41,6 +45,7 @@ from matchall_dagster.simulator import (
     SimulatorConfig,
     SimulatorServer,
 )
+from matchall_dagster.storage.store import MATCHES_TABLE, StoreUrl
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -50,6 +55,7 @@ WORKSPACE = REPO / "workspace.yaml"
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
 PG_USER = "postgres"  # trust authentication on the test server: no password
+STORE_SCHEMA = "matchall"  # the memberships' schema, as deploy/dagster.yaml and the Helm values name it
 
 EVOLVING_SEGMENT = "204"
 READY_SEGMENTS = ("201", "202", "203", EVOLVING_SEGMENT)
@@ -206,12 +212,13 @@ def start_service(name: str, command: list[str], env: Mapping[str, str], cwd: Pa
 
 @dataclass
 class Deployment:
-    """The running stack; the test reads the outcome from `instance()` and `duckdb_path`."""
+    """The running stack; the test reads the outcome from `instance()` and from the membership
+    store (`store_url`, `store_query`, `stored_members`)."""
 
     webserver_url: str  # http://127.0.0.1:<ephemeral port>
     simulator_url: str
     dagster_home: Path  # holds deploy/dagster.yaml (copied); the PG variables are in `env`
-    duckdb_path: Path
+    store_url: str  # MATCHALL_STORE of every process: postgresql://...?schema=matchall, no password
     postgres_db: str  # created for this session, dropped at the end
     ready_segments: list[str]
     evolving_segment: str  # one of ready_segments: each run of it sees the next generation
@@ -228,6 +235,24 @@ class Deployment:
         use it as a context manager so that its connections close."""
         with patched_environ(self.env):
             return dg.DagsterInstance.from_config(str(self.dagster_home))
+
+    def store_query(self, *queries: str, params: Sequence[Any] = ()) -> list[list[tuple[Any, ...]]]:
+        """The rows of each query (each given `params`), on the membership store's schema
+        (search_path), in one repeatable-read transaction: one snapshot of the history's tables. (A partition of
+        segment_matches is swapped in whole: a query sees the old rows or the new ones.)"""
+        store = StoreUrl.parse(self.store_url)
+        with psycopg.connect(store.location, connect_timeout=5) as connection:
+            connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with connection.transaction():
+                connection.execute(sql.SQL("set local search_path to {}").format(sql.Identifier(store.schema)))
+                return [connection.execute(query, list(params) or None).fetchall() for query in queries]
+
+    def stored_members(self, segment_id: str) -> list[int]:
+        """The partition's contact ids in position order, from the membership store."""
+        (rows,) = self.store_query(
+            f"select contact_id from {MATCHES_TABLE} where segment_id = %s order by position", params=[segment_id]
+        )
+        return [int(contact_id) for (contact_id,) in rows]
 
     def check_services(self) -> None:
         for service in self.services:
@@ -263,7 +288,13 @@ class Deployment:
         return data
 
 
-def _children_env(*, dagster_home: Path, duckdb_path: Path, simulator_url: str, database: str) -> dict[str, str]:
+def store_url_in(database: str) -> str:
+    """The membership store as production names it: the instance's server and database, the schema
+    `matchall`, the password (none here: trust) from PGPASSWORD, never in the URL."""
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}?schema={STORE_SCHEMA}"
+
+
+def _children_env(*, dagster_home: Path, simulator_url: str, database: str) -> dict[str, str]:
     return {
         "DAGSTER_HOME": str(dagster_home),
         "DAGSTER_PG_USERNAME": PG_USER,
@@ -273,7 +304,8 @@ def _children_env(*, dagster_home: Path, duckdb_path: Path, simulator_url: str, 
         "DAGSTER_PG_PORT": str(PG_PORT),
         "ACTIVECAMPAIGN_API_URL": simulator_url,
         "ACTIVECAMPAIGN_API_KEY": DEFAULT_TOKEN,
-        "MATCHALL_DUCKDB_PATH": str(duckdb_path),
+        # The memberships in this session's database, schema `matchall`, as production keeps them.
+        "MATCHALL_STORE": store_url_in(database),
         # The account's budget in this session's database, as deploy/dagster.yaml says production keeps it.
         "MATCHALL_REQUEST_BUDGET": f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}",
         "MATCHALL_KICKOFF_CRON": "* * * * *",  # the schedule fires within the session
@@ -324,7 +356,6 @@ def _started(artifacts: Path) -> Iterator[Deployment]:
     dagster_home = artifacts / "dagster_home"
     dagster_home.mkdir(parents=True)
     shutil.copy(DEPLOY_CONFIG, dagster_home / "dagster.yaml")
-    duckdb_path = artifacts / "matchall.duckdb"
     bin_dir = Path(sys.executable).parent
     port = free_port()
     account = deployment_account()
@@ -336,7 +367,6 @@ def _started(artifacts: Path) -> Iterator[Deployment]:
         database = stack.enter_context(postgres_database())
         overrides = _children_env(
             dagster_home=dagster_home,
-            duckdb_path=duckdb_path,
             simulator_url=server.url,
             database=database,
         )
@@ -344,7 +374,7 @@ def _started(artifacts: Path) -> Iterator[Deployment]:
             webserver_url=f"http://127.0.0.1:{port}",
             simulator_url=server.url,
             dagster_home=dagster_home,
-            duckdb_path=duckdb_path,
+            store_url=overrides["MATCHALL_STORE"],
             postgres_db=database,
             ready_segments=list(READY_SEGMENTS),
             evolving_segment=EVOLVING_SEGMENT,

@@ -1,7 +1,7 @@
 """A seeded fault-injection campaign: does `segment_matches` ever store a wrong list?
 
 Each scenario materializes one partition through the real Dagster definitions (`materialize_segment`,
-the asset and its three checks, the DuckDB IO manager) against a simulator that injects a seeded
+the asset and its three checks, the IO manager on a DuckDB store) against a simulator that injects a seeded
 random mix of faults: 429 bursts with and without Retry-After, 5xx, connection resets, read
 time-outs, truncated and non-JSON bodies, slow answers, runs re-kicked mid-read, page totals that
 drift, ids duplicated across pages, short pages, failed runs and runs that expire (before or during
@@ -27,6 +27,7 @@ next, but every outcome must be exact or failed-cleanly.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -64,7 +65,7 @@ from matchall_dagster.simulator import (
     SimulatorServer,
 )
 from matchall_dagster.simulator.app import SimRun
-from matchall_dagster.storage import io_manager as storage
+from matchall_dagster.storage.duckdb_store import DuckDBStore
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment
 
 SEED_VARIABLE = "MATCHALL_CAMPAIGN_SEED"
@@ -327,7 +328,7 @@ class Campaign:
         self.simulator = server.simulator
         self.instance = instance
         self.database = database
-        self.defs = build_definitions(duckdb_database=str(database))
+        self.defs = build_definitions(store=f"duckdb://{database}")
         self.expected: dict[str, Ids] = {}
 
     def resources(self, scenario: Scenario | None) -> dict[str, Any]:
@@ -558,23 +559,26 @@ def _materialize_in_child(
     """
     _log_to(Path(log))
     _warnings_as_in_pyproject()
-    connect = storage._TransactionalDuckDbClient.connect
+    replace_partition = DuckDBStore.replace_partition
+    transaction = DuckDBStore.transaction
     writes = 0
 
     @contextmanager
-    def observed_connect(context: Any, table_slice: Any) -> Iterator[Any]:
-        nonlocal writes
-        writes += isinstance(context, dg.OutputContext)  # an output is written, an input is read
-        last_write = isinstance(context, dg.OutputContext) and writes == len(targets)
-        with connect(context, table_slice) as connection:
-            if last_write:
-                writing.set()
+    def observed_transaction(store: DuckDBStore) -> Iterator[Any]:
+        with transaction(store) as connection:
+            writing.set()
             yield connection
-        if last_write:
-            written.set()
+        written.set()  # committed, and the connection closed
 
-    storage._TransactionalDuckDbClient.connect = staticmethod(observed_connect)  # type: ignore[method-assign]
-    defs = build_definitions(duckdb_database=database)
+    def observed_replace_partition(store: DuckDBStore, segment_id: str, frame: Any) -> None:
+        nonlocal writes
+        writes += 1  # the partitions written, one per materialization (the checks only read)
+        if writes == len(targets):
+            store.transaction = functools.partial(observed_transaction, store)  # type: ignore[method-assign]
+        replace_partition(store, segment_id, frame)
+
+    DuckDBStore.replace_partition = observed_replace_partition  # type: ignore[method-assign,assignment]
+    defs = build_definitions(store=f"duckdb://{database}")
     activecampaign = ActiveCampaignResource(api_url=url, api_key=DEFAULT_TOKEN, requests_per_second=1000)
     resources = {**(defs.resources or {}), "activecampaign": activecampaign}
     with dg.DagsterInstance.ephemeral() as instance:
@@ -774,7 +778,7 @@ def test_a_first_page_that_alone_tells_a_smaller_total_is_not_believed(
     )
     truth = simulator.account.ordered("1001", "id")
     with SimulatorServer(simulator) as server:
-        defs = build_definitions(duckdb_database=str(duckdb_file))
+        defs = build_definitions(store=str(duckdb_file))
         activecampaign = ActiveCampaignResource(
             api_url=server.url, api_key=DEFAULT_TOKEN, requests_per_second=1000, page_size=1_000, retry_backoff=0.001
         )

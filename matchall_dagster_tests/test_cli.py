@@ -19,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 import duckdb
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
@@ -28,9 +29,11 @@ from click.testing import CliRunner, Result
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.api.models import Segment
 from matchall_dagster.cli import main, shared
+from matchall_dagster.settings import settings
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimulatorServer
-from matchall_dagster.storage import history
+from matchall_dagster.storage.store import StoreUrl, open_store
 from matchall_dagster_tests.conftest import UUID_SEGMENT, ServeSimulator, make_account
+from matchall_dagster_tests.deployment import PG_HOST, PG_PORT, PG_USER, require_postgres
 
 MakeClient = Callable[..., ActiveCampaignClient]
 
@@ -48,7 +51,11 @@ def api_env(server: SimulatorServer, key: str | None = DEFAULT_TOKEN) -> dict[st
 
 def run_cli(args: list[str], env: Mapping[str, str | None]) -> Result:
     # click >= 8.2 always keeps stderr apart: result.stdout is stdout alone, result.stderr stderr alone.
-    return CliRunner().invoke(main, args, env=dict(env))
+    settings.cache_clear()  # the settings of this environment, as a new process reads them
+    try:
+        return CliRunner().invoke(main, args, env=dict(env))
+    finally:
+        settings.cache_clear()
 
 
 def rows_of_csv(text: str) -> list[tuple[int, int]]:
@@ -530,7 +537,7 @@ def test_forget_removes_a_deleted_segment_s_partition_and_keeps_its_rows(
         connection.execute("insert into segment_matches values ('7', 1, 42), ('8', 1, 43)")
     instance.add_dynamic_partitions("segments", ["7", "8"])
     instance.add_dynamic_partitions("deleted_segments", ["7"])
-    env = {"DAGSTER_HOME": str(home), "MATCHALL_DUCKDB_PATH": str(database)}
+    env = {"DAGSTER_HOME": str(home), "MATCHALL_STORE": f"duckdb://{database}"}
     result = run_cli(["forget", "7"], env)
     assert result.exit_code == 0, result.stderr
     assert instance.get_dynamic_partitions("segments") == ["8"]
@@ -545,6 +552,40 @@ def test_forget_removes_a_deleted_segment_s_partition_and_keeps_its_rows(
             if "main.segment_matches " in statement:
                 connection.execute(statement)
         assert connection.execute("select segment_id from segment_matches").fetchall() == [("8",)]
+
+
+def members(*ids: int) -> pd.DataFrame:
+    return pd.DataFrame({"position": range(1, len(ids) + 1), "contact_id": list(ids)}, dtype="int64")
+
+
+def test_forget_prints_psql_statements_for_a_postgresql_store(
+    dagster_home: tuple[Path, dg.DagsterInstance], postgres_store: str
+) -> None:
+    home, instance = dagster_home
+    store = open_store(postgres_store)
+    store.replace_partition("7", members(42, 43))
+    store.replace_partition("8", members(44))
+    for segment_id in ("7", "8"):
+        store.record_step(segment_id, source=segment_id, run_id="run-1", observed_at=datetime(2026, 11, 1, tzinfo=UTC))
+    instance.add_dynamic_partitions("segments", ["7", "8"])
+    instance.add_dynamic_partitions("deleted_segments", ["7"])
+    result = run_cli(["forget", "7"], {"DAGSTER_HOME": str(home), "MATCHALL_STORE": postgres_store})
+    assert result.exit_code == 0, result.stderr
+    assert instance.get_dynamic_partitions("segments") == ["8"]
+    assert f"Its stored rows are kept in {StoreUrl.parse(postgres_store)}" in result.stdout
+    assert len(store.read_partition("7")) == 2  # kept until the printed command runs
+    command = shlex.split(result.stdout.splitlines()[-1])
+    assert command[:3] == ["psql", StoreUrl.parse(postgres_store).location, "-c"]
+    assert len(command) == 4
+    # The printed command runs as printed (every table exists in a PostgreSQL store) and deletes segment 7 only.
+    done = subprocess.run(
+        [*command[:3], command[3], "-v", "ON_ERROR_STOP=1"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert store.read_partition("7").empty
+    assert store.read_partition("8")["contact_id"].tolist() == [44]
+    assert store.steps_since("7", None) == []
+    assert [(run_id, members) for _, run_id, members, *_ in store.steps_since("8", None) or []] == [("run-1", 1)]
 
 
 def test_forget_refuses_what_it_should_not_remove(dagster_home: tuple[Path, dg.DagsterInstance]) -> None:
@@ -639,21 +680,20 @@ def test_failed_write_to_stdout_names_stdout(
 
 
 @pytest.fixture
-def history_file(tmp_path: Path) -> Path:
-    """Two steps of segment "s": 1, 2, 3 joined; then 1 left and 4 joined."""
-    path = tmp_path / "matchall.duckdb"
-    with duckdb.connect(str(path)) as connection:
-        connection.execute("create table segment_matches (segment_id varchar, position bigint, contact_id bigint)")
-        for n, ids in enumerate(([1, 2, 3], [2, 3, 4]), start=1):
-            connection.execute("delete from segment_matches")
-            connection.executemany("insert into segment_matches values ('s', ?, ?)", list(enumerate(ids, 1)))
-            when = datetime(2026, 11, n, 6, tzinfo=UTC)
-            history.record_step(connection, "s", source=str(n), run_id=f"run-{n}", observed_at=when)
-    return path
+def history_store(store_url: str) -> str:
+    """A store of each engine with two steps of segment "s": 1, 2, 3 joined; then 1 left and 4 joined
+    (and a step of another segment, which no answer about "s" shows)."""
+    store = open_store(store_url)
+    for n, ids in enumerate(([1, 2, 3], [2, 3, 4]), start=1):
+        store.replace_partition("s", members(*ids))
+        store.record_step("s", source=str(n), run_id=f"run-{n}", observed_at=datetime(2026, 11, n, 6, tzinfo=UTC))
+    store.replace_partition("other", members(9))
+    store.record_step("other", source="3", run_id="run-3", observed_at=datetime(2026, 11, 2, 7, tzinfo=UTC))
+    return store_url
 
 
-def test_changes_prints_one_line_per_step(history_file: Path) -> None:
-    result = run_cli(["changes", "s", "--database", str(history_file)], {})
+def test_changes_prints_one_line_per_step(history_store: str) -> None:
+    result = run_cli(["changes", "s", "--store", history_store], {"MATCHALL_STORE": None})
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [
         "observed_at\trun_id\tmembers\tjoined\tleft",
@@ -662,10 +702,8 @@ def test_changes_prints_one_line_per_step(history_file: Path) -> None:
     ]
 
 
-def test_changes_lists_contacts_since_a_date(history_file: Path) -> None:
-    result = run_cli(
-        ["changes", "s", "--since", "2026-11-02", "--contacts"], {"MATCHALL_DUCKDB_PATH": str(history_file)}
-    )
+def test_changes_lists_contacts_since_a_date(history_store: str) -> None:
+    result = run_cli(["changes", "s", "--since", "2026-11-02", "--contacts"], {"MATCHALL_STORE": history_store})
     assert result.exit_code == 0, result.stderr
     rows = list(csv.reader(io.StringIO(result.stdout)))
     assert rows[0] == ["observed_at", "change", "contact_id", "run_id"]
@@ -673,6 +711,21 @@ def test_changes_lists_contacts_since_a_date(history_file: Path) -> None:
         ("joined", "4", "run-2"),
         ("left", "1", "run-2"),
     ]
+    assert {datetime.fromisoformat(observed) for observed, *_ in rows[1:]} == {datetime(2026, 11, 2, 6, tzinfo=UTC)}
+
+
+def test_changes_lists_every_contact_without_a_date(history_store: str) -> None:
+    result = run_cli(["changes", "s", "--contacts", "--store", history_store], {"MATCHALL_STORE": None})
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))[1:]
+    assert sorted((run, change, contact) for _, change, contact, run in rows) == [
+        ("run-1", "joined", "1"),
+        ("run-1", "joined", "2"),
+        ("run-1", "joined", "3"),
+        ("run-2", "joined", "4"),
+        ("run-2", "left", "1"),
+    ]
+    assert [run for *_, run in rows] == sorted(run for *_, run in rows)  # oldest first
 
 
 @pytest.mark.parametrize(
@@ -683,20 +736,52 @@ def test_changes_lists_contacts_since_a_date(history_file: Path) -> None:
         (["changes", "s", "--since", "2030-01-01"], "No changes of segment s since 2030-01-01"),
     ],
 )
-def test_changes_explains_what_it_cannot_show(history_file: Path, args: list[str], message: str) -> None:
-    result = run_cli([*args, "--database", str(history_file)], {})
+def test_changes_explains_what_it_cannot_show(history_store: str, args: list[str], message: str) -> None:
+    result = run_cli([*args, "--store", history_store], {"MATCHALL_STORE": None})
     assert message in result.stderr
     assert result.exit_code == (0 if "No changes" in message else 1)
     assert result.stdout == ""
 
 
 def test_changes_without_a_database_or_history_says_what_to_do(tmp_path: Path) -> None:
-    missing = run_cli(["changes", "s"], {"DAGSTER_HOME": str(tmp_path), "MATCHALL_DUCKDB_PATH": None})
-    assert missing.exit_code == 1
-    assert f"No DuckDB file at {tmp_path / 'matchall.duckdb'}" in missing.stderr
+    missing = run_cli(["changes", "s"], {"DAGSTER_HOME": str(tmp_path), "MATCHALL_STORE": None})
+    assert_failed_cleanly(missing, (f"No DuckDB file at {tmp_path / 'matchall.duckdb'}", "--store"), None, None)
 
     with duckdb.connect(str(tmp_path / "matchall.duckdb")) as connection:
         connection.execute("create table segment_matches (segment_id varchar)")
-    empty = run_cli(["changes", "s"], {"DAGSTER_HOME": str(tmp_path), "MATCHALL_DUCKDB_PATH": None})
-    assert empty.exit_code == 1
-    assert "holds no membership history yet" in empty.stderr
+    empty = run_cli(["changes", "s"], {"DAGSTER_HOME": str(tmp_path), "MATCHALL_STORE": None})
+    assert_failed_cleanly(empty, "holds no membership history yet", None, None)
+
+
+PG_SECRET = "pg-sekrit-0123456789-ZQX"
+
+
+@pytest.mark.parametrize(
+    ("store", "expect"),
+    [
+        ("mysql://matchall@127.0.0.1/warehouse", ("--store: ", "is not one this project keeps", "postgresql://")),
+        ("postgresql://postgres@127.0.0.1", ("--store: ", "names no host or database")),
+        (f"postgresql://postgres:{PG_SECRET}@127.0.0.1/warehouse", ("--store: ", "carries a password", "PGPASSWORD")),
+        # Nothing listens on port 1: the server is named, and what to check.
+        (
+            "postgresql://postgres@127.0.0.1:1/warehouse",
+            ("Could not connect to the store", "127.0.0.1:1", "PGPASSWORD"),
+        ),
+    ],
+    ids=["unknown scheme", "no database", "password", "no server"],
+)
+def test_changes_refuses_a_bad_store_clearly(store: str, expect: tuple[str, ...]) -> None:
+    result = run_cli(["changes", "s", "--store", store], {"MATCHALL_STORE": None})
+    assert_failed_cleanly(result, expect, None, None, PG_SECRET)
+
+
+def test_changes_on_a_missing_postgresql_database_names_it() -> None:
+    require_postgres()
+    missing = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/matchall_no_such_database"
+    result = run_cli(["changes", "s", "--store", missing], {"MATCHALL_STORE": None})
+    assert_failed_cleanly(result, ("Could not connect to the store", "matchall_no_such_database"), None, None)
+
+
+def test_changes_names_a_bad_store_setting(tmp_path: Path) -> None:
+    result = run_cli(["changes", "s"], {"MATCHALL_STORE": "mysql://matchall@127.0.0.1/warehouse"})
+    assert_failed_cleanly(result, ("MATCHALL_STORE: ", "is not one this project keeps"), None, None)

@@ -12,17 +12,21 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pytest
+from psycopg import sql
 
 from matchall_dagster.api.validation import DEFAULT_SORT
 from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimSegment, SimulatorServer
+from matchall_dagster.storage.postgres_store import PostgresStore
+from matchall_dagster.storage.store import StoreUrl, open_store
 from matchall_dagster_tests.conftest import ServeSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The YAML of the two-account test (docs/component.md shows the same).
+# The YAML of the two-account test (docs/component.md shows the same): one account on a DuckDB file,
+# the other on PostgreSQL.
 ACME = """\
 type: matchall_dagster.MatchAllComponent
 attributes:
@@ -32,7 +36,7 @@ attributes:
   sort: "-id"
   kickoff_cron: "0 5 * * *"
   storage:
-    duckdb_path: "{duckdb}"
+    url: "duckdb://{duckdb}"
   translation:
     key_prefix: [acme]
     group_name: acme
@@ -49,7 +53,7 @@ attributes:
     name_pattern: "^Newsletter"
   readiness_interval_seconds: 30
   storage:
-    duckdb_path: "{duckdb}"
+    url: "{postgresql}"
   translation:
     key_prefix: [globex]
     group_name: globex
@@ -90,9 +94,14 @@ def write_project(root: Path, package: str, components: dict[str, str]) -> None:
 
 @pytest.fixture
 def agency(
-    tmp_path: Path, serve_simulator: ServeSimulator, monkeypatch: pytest.MonkeyPatch, fast_budget: None
+    tmp_path: Path,
+    serve_simulator: ServeSimulator,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_budget: None,
+    postgres_store: str,
 ) -> tuple[dg.Definitions, SimulatorServer, SimulatorServer]:
-    """Two accounts, each with its own simulator and DuckDB file, loaded from one defs folder."""
+    """Two accounts, each with its own simulator and store (acme a DuckDB file, globex a PostgreSQL
+    schema), loaded from one defs folder."""
     acme = serve_simulator(SimAccount(seed=1, segments=[SimSegment("1", "VIP", 30), SimSegment("2", "Trial", 12)]))
     globex = serve_simulator(
         SimAccount(
@@ -112,7 +121,7 @@ def agency(
         f"agency_{tmp_path.name}",  # a package name of its own: Python keeps an imported package for the session
         {
             "acme": ACME.replace("{duckdb}", str(tmp_path / "acme.duckdb")),
-            "globex": GLOBEX.replace("{duckdb}", str(tmp_path / "globex.duckdb")),
+            "globex": GLOBEX.replace("{postgresql}", postgres_store),
         },
     )
     monkeypatch.syspath_prepend(str(project))
@@ -120,7 +129,7 @@ def agency(
 
 
 def test_two_accounts_load_side_by_side_under_their_own_names(
-    agency: tuple[dg.Definitions, SimulatorServer, SimulatorServer],
+    agency: tuple[dg.Definitions, SimulatorServer, SimulatorServer], tmp_path: Path, postgres_store: str
 ) -> None:
     defs, _, _ = agency
     keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
@@ -140,8 +149,13 @@ def test_two_accounts_load_side_by_side_under_their_own_names(
     }
     resources = dict(defs.resources or {})
     assert set(resources) == {
-        f"{account}_{kind}" for account in ("acme", "globex") for kind in ("activecampaign", "duckdb", "io_manager")
+        f"{account}_{kind}" for account in ("acme", "globex") for kind in ("activecampaign", "store", "io_manager")
     }
+    # Each account's store, as its YAML names it, and the kind its assets show.
+    globex_url = StoreUrl.parse(postgres_store)
+    assert StoreUrl.parse(resources["acme_store"].url) == StoreUrl("duckdb", str(tmp_path / "acme.duckdb"))
+    assert StoreUrl.parse(resources["globex_store"].url) == globex_url
+    assert StoreUrl.parse(resources["globex_io_manager"].store) == globex_url
     acme, globex = Account(key_prefix=("acme",)), Account(key_prefix=("globex",))
     acme_matches, globex_matches = defs.get_assets_def(acme.matches_key), defs.get_assets_def(globex.matches_key)
     assert acme_matches.partitions_def == dg.DynamicPartitionsDefinition(name="acme_segments")
@@ -157,6 +171,8 @@ def test_two_accounts_load_side_by_side_under_their_own_names(
     # Translation and choices.
     spec = acme_matches.specs_by_key[acme.matches_key]
     assert (spec.group_name, spec.owners, spec.tags.get("client")) == ("acme", ["team:marketing-data"], "acme")
+    assert spec.kinds == {"duckdb", "pandas"}
+    assert globex_matches.specs_by_key[globex.matches_key].kinds == {"postgresql", "pandas"}
     assert defs.resolve_sensor_def("globex_match_all_readiness_sensor").minimum_interval_seconds == 30
     assert defs.resolve_schedule_def("acme_match_all_kickoff_schedule").cron_schedule == "0 5 * * *"
     assert defs.resolve_schedule_def("globex_match_all_kickoff_schedule").cron_schedule == "0 6 * * *"
@@ -173,22 +189,46 @@ def _materialize(defs: dg.Definitions, instance: dg.DagsterInstance, account: Ac
 
 
 def test_one_partition_of_each_account_lands_in_its_own_store(
-    agency: tuple[dg.Definitions, SimulatorServer, SimulatorServer], tmp_path: Path, instance: dg.DagsterInstance
+    agency: tuple[dg.Definitions, SimulatorServer, SimulatorServer],
+    tmp_path: Path,
+    instance: dg.DagsterInstance,
+    postgres_store: str,
 ) -> None:
-    defs, _, _ = agency
+    defs, acme_server, globex_server = agency
     acme, globex = Account(key_prefix=("acme",)), Account(key_prefix=("globex",))
     # Both accounts have a segment "1"; each partition reads its own account (30 and 7 members).
     _materialize(defs, instance, acme, "1")
     _materialize(defs, instance, globex, "1")
-    for name, members, sort in (("acme", 30, "-id"), ("globex", 7, DEFAULT_SORT)):
-        with duckdb.connect(str(tmp_path / f"{name}.duckdb"), read_only=True) as connection:
-            rows = connection.execute(
-                "select count(*), count(distinct contact_id), max(position) from main.segment_matches"
-            ).fetchone()
-        assert rows == (members, members, members)
-        record = instance.fetch_materializations(Account(key_prefix=(name,)).matches_key, limit=1).records[0]
+    with duckdb.connect(str(tmp_path / "acme.duckdb"), read_only=True) as connection:
+        acme_rows = connection.execute(
+            "select position, contact_id from main.segment_matches where segment_id = '1' order by position"
+        ).fetchall()
+    assert [contact for _, contact in acme_rows] == acme_server.simulator.truth("1", "-id")
+    assert [position for position, _ in acme_rows] == list(range(1, 31))
+    # globex's partition is in its PostgreSQL schema, in a partition table of its own; nothing of it in a file.
+    globex_url = StoreUrl.parse(postgres_store)
+    stored = open_store(globex_url).read_partition("1")
+    assert stored["contact_id"].tolist() == globex_server.simulator.truth("1", DEFAULT_SORT)
+    assert stored["position"].tolist() == list(range(1, 8))
+    store = open_store(globex_url)
+    assert isinstance(store, PostgresStore)
+    with store.transaction() as connection:
+        (count,) = connection.execute(
+            sql.SQL("select count(*) from {}.{}").format(
+                sql.Identifier(globex_url.schema), sql.Identifier("segment_matches")
+            )
+        ).fetchone() or (None,)
+    assert count == 7
+    assert sorted(path.name for path in tmp_path.glob("*.duckdb")) == ["acme.duckdb"]
+    for account, sort, kind, table in (
+        (acme, "-id", "duckdb", "acme.main.segment_matches"),
+        (globex, DEFAULT_SORT, "postgresql", f"{globex_url.database}.{globex_url.schema}.segment_matches"),
+    ):
+        record = instance.fetch_materializations(account.matches_key, limit=1).records[0]
         assert record.asset_materialization is not None
-        assert record.asset_materialization.metadata["sort"].value == sort
+        metadata = record.asset_materialization.metadata
+        assert metadata["sort"].value == sort
+        assert (metadata["dagster/storage_kind"].value, metadata["dagster/table_name"].value) == (kind, table)
     assert instance.get_dynamic_partitions("segments") == []  # the default account's names are untouched
 
 
@@ -215,6 +255,22 @@ def test_a_name_pattern_tracks_only_the_segments_it_matches(
         ('api_url: "{{ env.U }}"\n  api_key: "{{ env.K }}"\n  segments: {name_pattern: "(" }', "name_pattern"),
         ('api_url: "{{ env.U }}"\n  api_key: "{{ env.K }}"\n  sort: "shoe_size"', "shoe_size"),
         ('api_url: "{{ env.U }}"\n  api_key: "{{ env.K }}"\n  kickoff_cron: "every day"', "every day"),
+        ('api_url: "{{ env.U }}"\n  api_key: "{{ env.K }}"\n  storage: {url: "mysql://m@db/w"}', "postgresql://"),
+        ('api_url: "{{ env.U }}"\n  api_key: "{{ env.K }}"\n  storage: {url: "postgresql://m@db"}', "DATABASE"),
+        (
+            'api_url: "{{ env.U }}"\n  api_key: "{{ env.K }}"\n  storage: {url: "postgresql://m:secret@db/w"}',
+            "set PGPASSWORD",
+        ),
+    ],
+    ids=[
+        "inline key",
+        "key prefix",
+        "name pattern",
+        "sort",
+        "cron",
+        "store engine",
+        "store database",
+        "store password",
     ],
 )
 def test_bad_yaml_is_refused_with_what_to_fix(

@@ -39,6 +39,7 @@ from matchall_dagster.api.budget import BudgetStore
 from matchall_dagster.definitions import defs as project_defs
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.simulator import DEFAULT_TOKEN
+from matchall_dagster.storage.store import StoreUrl
 
 REPO = Path(__file__).resolve().parents[1]
 VALUES = REPO / "deploy" / "helm" / "values.yaml"
@@ -50,8 +51,10 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 MODULE = "matchall_dagster.definitions"
 ACCOUNT_REQUESTS_PER_SECOND = 5  # ActiveCampaign: 5 requests/s per account (API.md)
-# What the README's `kubectl create secret` commands put in each secret the values name.
-SECRET_KEYS = {"activecampaign-api": {"ACTIVECAMPAIGN_API_KEY"}, "matchall-request-budget": {"PGPASSWORD"}}
+# What docs/production.md's `kubectl create secret` commands put in each secret the values name.
+SECRET_KEYS = {"activecampaign-api": {"ACTIVECAMPAIGN_API_KEY"}, "matchall-postgresql": {"PGPASSWORD"}}
+PG_SECRET = "matchall-postgresql"  # PGPASSWORD, for the membership store and the request budget
+STORE_SCHEMA = "matchall"
 PG_PASSWORD_KEY = "postgresql-password"  # the key the chart reads from global.postgresqlSecretName
 # The chart's own defaults for what the rendering below needs and the values leave alone
 # (helm/dagster/values.yaml and _helpers.tpl); the release as the README installs it.
@@ -263,8 +266,8 @@ def chart_container_context(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def chart_code_server_env(values: Mapping[str, Any], home: Path) -> dict[str, str]:
     """The code server's environment on the cluster (deployment-user.yaml), secrets random. The
-    API URL points at a closed loopback port: loading the code sends no request, and a test never
-    reaches out of this machine."""
+    API URL and the PostgreSQL URLs (store, budget) point at a closed loopback port: loading the
+    code sends no request and opens no connection, and a test never reaches out of this machine."""
     code = deployment(values)
     image = code["image"]
     env = {
@@ -279,6 +282,8 @@ def chart_code_server_env(values: Mapping[str, Any], home: Path) -> dict[str, st
     for secret in code.get("envSecrets", []):
         env.update({key: secrets.token_hex(16) for key in SECRET_KEYS[secret["name"]]})
     env["ACTIVECAMPAIGN_API_URL"] = "http://127.0.0.1:9"
+    for name in ("MATCHALL_STORE", "MATCHALL_REQUEST_BUDGET"):  # the same URLs, on a closed loopback port
+        env[name] = urlsplit(env[name])._replace(netloc=f"{urlsplit(env[name]).username}@127.0.0.1:9").geturl()
     return env
 
 
@@ -396,8 +401,10 @@ def test_postgresql_password_comes_from_the_charts_secret() -> None:
     assert pg["postgresqlUsername"]
     assert pg["postgresqlDatabase"]
     assert pg["service"]["port"] == 5432
+    # Dagster's documented configuration, as deploy/dagster.yaml has it: no driver named (SQLAlchemy < 2.1).
     production = yaml.safe_load(DEPLOY_INSTANCE.read_text())["storage"]["postgres"]["postgres_db"]
-    assert pg["postgresqlScheme"] == production["scheme"]
+    assert "scheme" not in production
+    assert not pg.get("postgresqlScheme")
 
 
 def test_queue_pools_sensors_and_telemetry_match_the_production_instance(tmp_path: Path) -> None:
@@ -431,35 +438,79 @@ def test_every_pod_takes_from_one_budget_in_the_instances_postgresql() -> None:
         postgres["postgresqlUsername"],
         postgres["postgresqlDatabase"],
     )
-    assert url.password is None  # PGPASSWORD, from the secret matchall-request-budget
+    assert url.password is None  # PGPASSWORD, from the secret matchall-postgresql
     assert "PGPASSWORD" not in env
-    assert {"name": "matchall-request-budget"} in deployment(values)["envSecrets"]
-    assert {"name": "matchall-request-budget"} in k8s_launcher(values)["envSecrets"]
+    assert {"name": PG_SECRET} in deployment(values)["envSecrets"]
+    assert {"name": PG_SECRET} in k8s_launcher(values)["envSecrets"]
     resource = (project_defs().resources or {})["activecampaign"]
     assert isinstance(resource, ActiveCampaignResource)
     assert resource.requests_per_second == ACCOUNT_REQUESTS_PER_SECOND
 
 
-def test_duckdb_file_is_on_the_volume_every_run_pod_mounts() -> None:
+def test_every_pod_stores_memberships_in_the_instances_postgresql() -> None:
+    """The code server (the sensors read the catalog) and, through includeConfigInLaunchedRuns, every
+    run pod name one PostgreSQL store: the instance's server, user and database, a schema of its own,
+    no password in the URL; PGPASSWORD comes from a Kubernetes secret, never a literal."""
     values = load_values()
-    path = Path(next(v["value"] for v in deployment(values)["env"] if v["name"] == "MATCHALL_DUCKDB_PATH"))
-    launcher = k8s_launcher(values)
-    (mount,) = [m for m in launcher["volumeMounts"] if path.is_relative_to(m["mountPath"])]
-    (volume,) = [v for v in launcher["volumes"] if v["name"] == mount["name"]]
-    assert volume["persistentVolumeClaim"]["claimName"]
-    # The image's user (Dockerfile USER) writes it through the pod's fsGroup.
+    code = deployment(values)
+    env = {v["name"]: v for v in code["env"]}
+    assert "MATCHALL_DUCKDB_PATH" not in env  # refused by the settings now: MATCHALL_STORE replaces it
+    store = StoreUrl.parse(env["MATCHALL_STORE"]["value"])
+    assert (store.kind, store.schema) == ("postgresql", STORE_SCHEMA)
+    url = urlsplit(env["MATCHALL_STORE"]["value"])
+    postgres = values["postgresql"]
+    assert (url.hostname, url.port, url.username, url.path.lstrip("/"), url.query) == (
+        postgres["postgresqlHost"],
+        postgres["service"]["port"],
+        postgres["postgresqlUsername"],
+        postgres["postgresqlDatabase"],
+        f"schema={STORE_SCHEMA}",
+    )
+    assert url.password is None
+    # The same server, user and database as the budget's: one password, one secret.
+    budget = urlsplit(env["MATCHALL_REQUEST_BUDGET"]["value"])
+    assert (budget.hostname, budget.port, budget.username, budget.path) == (
+        url.hostname,
+        url.port,
+        url.username,
+        url.path,
+    )
+    assert "PGPASSWORD" not in env
+    assert SECRET_KEYS[PG_SECRET] == {"PGPASSWORD"}
+    assert {"name": PG_SECRET} in code["envSecrets"]
+    assert {"name": PG_SECRET} in k8s_launcher(values)["envSecrets"]
+    # What every run pod inherits: the location's env (MATCHALL_STORE) and its secrets.
+    assert code["includeConfigInLaunchedRuns"]["enabled"] is True
+    context = chart_container_context(values)["k8s"]
+    assert env["MATCHALL_STORE"] in context["env"]
+    assert PG_SECRET in context["env_secrets"]
+
+
+def test_no_volume_is_left_for_a_duckdb_file() -> None:
+    """PostgreSQL holds the memberships: no ReadWriteMany claim, no mount, no fsGroup for it."""
+    values = load_values()
+    launcher, code = k8s_launcher(values), deployment(values)
+    for part in (launcher, code):
+        assert not {"volumes", "volumeMounts"} & part.keys()
+    rendered = chart_instance_config(values)["run_launcher"]["config"]
+    assert rendered["volumes"] == rendered["volume_mounts"] == []
+    # The run pods still run as the image's user (Dockerfile USER), not as root.
     (user,) = dockerfile_instruction("USER")
     uid, _, gid = user.partition(":")
     security = launcher["runK8sConfig"]["podSpecConfig"]["securityContext"]
-    assert security["runAsUser"] == int(uid)
-    assert security["fsGroup"] == int(gid)
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
     assert security["runAsNonRoot"] is True
+    assert "fsGroup" not in security
+    assert "/var/lib/matchall" not in DOCKERFILE.read_text()
 
 
 def test_charts_instance_file_passes_dagsters_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", secrets.token_hex(16))  # {env: ...} is resolved
     config = validated_instance(chart_instance_config(load_values()), tmp_path / "home")
     assert config["run_launcher"] == {**config["run_launcher"], "module": "dagster_k8s", "class": "K8sRunLauncher"}
+    # Dagster's documented storage: no `scheme` (the driver is psycopg2's default under SQLAlchemy < 2.1).
+    for key in ("run_storage", "event_log_storage", "schedule_storage"):
+        assert "scheme" not in config[key]["config"]["postgres_db"]
     assert config["concurrency"] == {"pools": {"default_limit": 2}, "runs": {"max_concurrent_runs": 4}}
     assert "sensors" not in config  # the default: one evaluation at a time
     assert config["telemetry"] == {"enabled": False}
@@ -589,6 +640,7 @@ def test_code_server_loads_with_the_charts_arguments_and_environment(tmp_path: P
     log = (tmp_path / "grpc.log").read_text()
     assert f"Started Dagster code server for module {MODULE}" in log
     assert env["ACTIVECAMPAIGN_API_KEY"] not in log
+    assert env["PGPASSWORD"] not in log
 
 
 def test_code_server_fails_fast_without_the_module(tmp_path: Path) -> None:
@@ -636,7 +688,8 @@ def test_image_build_steps_serve_the_code_location(tmp_path: Path) -> None:
     pod = json.loads(checked.stdout)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == f"{image['repository']}:{image['tag']}"
-    assert pod["security_context"]["run_as_user"] == pod["security_context"]["fs_group"] == 10001
+    assert pod["security_context"]["run_as_user"] == 10001
+    assert pod["security_context"]["fs_group"] is None
     secret_refs = {source["secret_ref"]["name"] for source in container["env_from"] if source.get("secret_ref")}
     assert secret_refs >= set(SECRET_KEYS)
     password = next(env for env in container["env"] if env["name"] == "DAGSTER_PG_PASSWORD")
@@ -645,11 +698,14 @@ def test_image_build_steps_serve_the_code_location(tmp_path: Path) -> None:
         "key": PG_PASSWORD_KEY,
         "optional": None,
     }
-    assert {"name": "MATCHALL_DUCKDB_PATH", "value": "/var/lib/matchall/matchall.duckdb"} in [
-        {"name": env["name"], "value": env["value"]} for env in container["env"]
-    ]
-    claims = {v["persistent_volume_claim"]["claim_name"] for v in pod["volumes"] if v.get("persistent_volume_claim")}
-    assert claims == {"matchall-duckdb"}
-    assert "/var/lib/matchall" in {mount["mount_path"] for mount in container["volume_mounts"]}
+    plain = {env["name"]: env["value"] for env in container["env"] if env.get("value") is not None}
+    assert plain["MATCHALL_STORE"] == next(
+        v["value"] for v in deployment(values)["env"] if v["name"] == "MATCHALL_STORE"
+    )
+    assert StoreUrl.parse(plain["MATCHALL_STORE"]).kind == "postgresql"
+    assert "MATCHALL_DUCKDB_PATH" not in plain
+    assert PG_SECRET in secret_refs  # PGPASSWORD
+    assert not pod.get("volumes")
+    assert not container.get("volume_mounts")
     with chart_code_server(bin_dir, values, tmp_path / "home", tmp_path / "grpc.log"):
         pass

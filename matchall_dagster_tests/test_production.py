@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
-import duckdb
 import psycopg
 import pytest
 import yaml
@@ -27,7 +27,8 @@ from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.settings import Settings
 from matchall_dagster.simulator import DEFAULT_TOKEN, Simulator
 from matchall_dagster.storage.history import CHANGES_TABLE, JOINED, LEFT, STEPS_TABLE
-from matchall_dagster.storage.io_manager import TABLE
+from matchall_dagster.storage.postgres_store import partition_table
+from matchall_dagster.storage.store import MATCHES_TABLE, StoreUrl, open_store
 from matchall_dagster_tests import deployment as harness
 from matchall_dagster_tests.deployment import DEPLOY_CONFIG, REPO, Deployment, database_exists, free_port
 
@@ -124,6 +125,39 @@ def test_production_instance_takes_its_database_from_the_environment() -> None:
     assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text)  # no user:password@host anywhere
 
 
+def test_documented_postgres_storage_records_a_run_as_written(tmp_path: Path) -> None:
+    """deploy/dagster.yaml's storage is Dagster's documented dagster-postgres configuration, with no
+    `scheme` line: an instance from it (a database of its own on the local server) runs an asset and
+    stores its events. With SQLAlchemy 2.1 (psycopg 3 for `postgresql://`) the first event failed;
+    pyproject.toml pins SQLAlchemy below 2.1."""
+    harness.require_postgres()
+    assert "scheme" not in load(DEPLOY_CONFIG)["storage"]["postgres"]["postgres_db"]
+    home = tmp_path / "home"
+    validated(DEPLOY_CONFIG, home)
+
+    @dg.asset
+    def probe() -> int:
+        return 1
+
+    with harness.postgres_database("matchall_instance") as database:
+        env = {
+            "DAGSTER_PG_USERNAME": harness.PG_USER,
+            "DAGSTER_PG_PASSWORD": "",  # trust authentication on the test server
+            "DAGSTER_PG_HOST": harness.PG_HOST,
+            "DAGSTER_PG_DB": database,
+            "DAGSTER_PG_PORT": str(harness.PG_PORT),
+        }
+        with harness.patched_environ(env), dg.DagsterInstance.from_config(str(home)) as instance:
+            assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+            result = dg.materialize([probe], instance=instance)
+            assert result.success
+            records = instance.fetch_materializations(dg.AssetKey("probe"), limit=10).records
+            assert [record.run_id for record in records] == [result.run_id]
+            run = instance.get_run_by_id(result.run_id)
+            assert run is not None
+            assert run.status == dg.DagsterRunStatus.SUCCESS
+
+
 def test_secret_scan_finds_a_literal_password() -> None:
     config = load(DEPLOY_CONFIG)
     config["storage"]["postgres"]["postgres_db"]["password"] = "hunter2"  # the scan's own test
@@ -210,22 +244,11 @@ def _ticks(instance: dg.DagsterInstance) -> dict[str, list[Any]]:
     }
 
 
-def _duckdb_query(path: Path, *queries: str) -> list[list[tuple[Any, ...]]]:
-    """The rows of each query, read in one transaction (one snapshot); retried while a run holds
-    the file (DuckDB lets one process at a time open it for writing)."""
-    for _ in range(30):
-        try:
-            with duckdb.connect(str(path), read_only=True) as connection:
-                connection.begin()
-                return [connection.execute(query).fetchall() for query in queries]
-        except duckdb.IOException:
-            time.sleep(0.5)
-    raise AssertionError(f"{path} stayed locked by a run for 15 s")
-
-
-def _duckdb_rows(path: Path) -> dict[str, list[int]]:
-    """The stored members per segment, in position order."""
-    (rows,) = _duckdb_query(path, f"select segment_id, contact_id from main.{TABLE} order by segment_id, position")
+def _stored_rows(deployment: Deployment) -> dict[str, list[int]]:
+    """The stored members per segment, in position order, from the PostgreSQL store."""
+    (rows,) = deployment.store_query(
+        f"select segment_id, contact_id from {MATCHES_TABLE} order by segment_id, position"
+    )
     members: dict[str, list[int]] = {}
     for segment_id, contact_id in rows:
         members.setdefault(segment_id, []).append(int(contact_id))
@@ -248,7 +271,7 @@ def _materialized_truth(instance: dg.DagsterInstance, simulator: Simulator, segm
 
 
 def _stored_rows_match_materializations(deployment: Deployment, instance: dg.DagsterInstance) -> dict[str, list[int]]:
-    """DuckDB's rows of each ready segment, once they equal the simulator's list for the run of
+    """The store's rows of each ready segment, once they equal the simulator's list for the run of
     the segment's latest materialization, read before and after the rows (so that no
     materialization came in between). The stack keeps materializing every minute, and a run
     writes its rows a moment before its materialization is recorded: a mismatch is retried for a
@@ -257,7 +280,7 @@ def _stored_rows_match_materializations(deployment: Deployment, instance: dg.Dag
     deadline = time.monotonic() + 60
     while True:
         before = _materialized_truth(instance, deployment.simulator, segments)
-        stored = _duckdb_rows(deployment.duckdb_path)
+        stored = _stored_rows(deployment)
         after = _materialized_truth(instance, deployment.simulator, segments)
         expected = {segment: truth for segment, (_, truth) in after.items()}
         if before == after and stored == {k: v for k, v in expected.items() if v}:
@@ -265,10 +288,37 @@ def _stored_rows_match_materializations(deployment: Deployment, instance: dg.Dag
         if time.monotonic() > deadline:
             differing = sorted(k for k in segments if stored.get(k, []) != expected[k])
             raise AssertionError(
-                f"DuckDB's rows of segments {differing} are not the simulator's lists for the runs of their latest "
+                f"The store's rows of segments {differing} are not the simulator's lists for the runs of their latest "
                 f"materializations; see {deployment.artifacts}"
             )
         time.sleep(1.0)
+
+
+def _stored_in_postgresql(deployment: Deployment, truth: dict[str, list[int]]) -> None:
+    """The memberships are in the session's PostgreSQL database, schema `matchall`, as production keeps
+    them: a partition table per ready segment attached to segment_matches, summaries computed there,
+    and no DuckDB file anywhere."""
+    url = StoreUrl.parse(deployment.store_url)
+    assert (url.kind, url.schema, url.database) == ("postgresql", "matchall", deployment.postgres_db)
+    assert urlsplit(url.location).password is None
+    ((schema,),), attached = deployment.store_query(
+        "select current_schema()",
+        "select child.relname from pg_inherits join pg_class child on child.oid = pg_inherits.inhrelid "
+        "join pg_class parent on parent.oid = pg_inherits.inhparent "
+        "join pg_namespace on pg_namespace.oid = parent.relnamespace "
+        f"where parent.relname = '{MATCHES_TABLE}' and pg_namespace.nspname = 'matchall'",
+    )
+    assert schema == "matchall"
+    # Every ready segment, the empty one too, has its partition; the failing and expiring ones none.
+    assert {name for (name,) in attached} == {partition_table(s) for s in deployment.ready_segments}
+    store = open_store(url)
+    for segment_id, members in truth.items():
+        summary = store.summarize(segment_id)
+        assert summary.positions_exact, (segment_id, summary)
+        assert summary.repeated_contacts == 0, (segment_id, summary)
+        if segment_id != deployment.evolving_segment:  # its size moves from run to run
+            assert summary.rows == len(members), (segment_id, summary)
+    assert sorted(deployment.artifacts.rglob("*.duckdb")) == [], "a process wrote to DuckDB, not to MATCHALL_STORE"
 
 
 def _changes_materializations(instance: dg.DagsterInstance, segment_id: str) -> list[dg.EventLogRecord]:
@@ -279,12 +329,12 @@ def _changes_materializations(instance: dg.DagsterInstance, segment_id: str) -> 
     )
 
 
-def _steps_and_changes(path: Path) -> dict[str, list[tuple[str, int, set[int], set[int]]]]:
-    """segment -> its recorded steps, oldest first: (run_id, members, joined ids, left ids)."""
-    steps, changes = _duckdb_query(
-        path,
-        f"select segment_id, run_id, observed_at, members from main.{STEPS_TABLE} order by segment_id, observed_at",
-        f"select segment_id, run_id, observed_at, change, contact_id from main.{CHANGES_TABLE}",
+def _steps_and_changes(deployment: Deployment) -> dict[str, list[tuple[str, int, set[int], set[int]]]]:
+    """segment -> its recorded steps, oldest first: (run_id, members, joined ids, left ids), read in
+    one snapshot of the store."""
+    steps, changes = deployment.store_query(
+        f"select segment_id, run_id, observed_at, members from {STEPS_TABLE} order by segment_id, observed_at",
+        f"select segment_id, run_id, observed_at, change, contact_id from {CHANGES_TABLE}",
     )
     by_step: dict[tuple[str, str, Any], dict[str, set[int]]] = {}
     for segment_id, run_id, observed_at, change, contact_id in changes:
@@ -352,7 +402,8 @@ def _budget_places(deployment: Deployment) -> int:
 @pytest.mark.timeout(E2E_TIMEOUT + 120)
 def test_production_stack_end_to_end(deployment: Deployment) -> None:
     """Discovery, the schedule, readiness polling, the queue, the pool, materializations and checks,
-    all on PostgreSQL through a real daemon; the outcome read from the instance and from DuckDB."""
+    all on PostgreSQL through a real daemon; the outcome read from the instance and from the
+    membership store, PostgreSQL as well (MATCHALL_STORE, the schema `matchall`)."""
     started = time.monotonic()
     with deployment.instance() as instance:
         deployment.wait_for(
@@ -410,7 +461,7 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
         # The API pool's limit, from deploy/dagster.yaml, held: never more API steps at once.
         limit = instance.event_log_storage.get_concurrency_info(API_POOL).limit
         assert limit == 2
-        # (The automation sensor's runs compute in DuckDB alone: no API step.)
+        # (The automation sensor's runs compute in the store alone: no API step.)
         api_runs = [r for r in finished if r.dagster_run.tags.get("dagster/sensor_name") != CHANGES_SENSOR]
         intervals = _pool_step_intervals(instance, [r.dagster_run.run_id for r in finished])
         assert len(intervals) >= len(api_runs)
@@ -419,7 +470,7 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
         assert _budget_places(deployment) > 0
 
         # Each ready segment: materialized by a readiness-sensor run from a ready remote run, in its
-        # sort, complete; its rows in DuckDB are exactly the simulator's truth for that run (the
+        # sort, complete; its rows in the store are exactly the simulator's truth for that run (the
         # evolving segment's membership changes from one run to the next).
         simulator = deployment.simulator
         for segment_id in deployment.ready_segments:
@@ -459,8 +510,9 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
                 if check_name == RUN_NOT_FAILED:
                     assert simulator.runs[run.tags["matchall/run_id"]].segment.id == judged_segment
 
-        # DuckDB holds exactly the truth of every ready segment, nothing of the others.
-        _stored_rows_match_materializations(deployment, instance)
+        # The store holds exactly the truth of every ready segment, nothing of the others.
+        stored = _stored_rows_match_materializations(deployment, instance)
+        _stored_in_postgresql(deployment, stored)
 
         # segment_membership_changes follows each ready segment, computed by the automation sensor
         # alone; the evolving segment has changed at least once.
@@ -498,9 +550,9 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
             for s, records in changes_records.items()
         }
 
-    # Each step in DuckDB is exactly the difference between the simulator's generations of the
+    # Each step in the store is exactly the difference between the simulator's generations of the
     # runs it compared: the first step's run (everyone joined), then each next step's run.
-    recorded = _steps_and_changes(deployment.duckdb_path)
+    recorded = _steps_and_changes(deployment)
     assert sorted(recorded) == sorted(deployment.ready_segments)
     generations_seen: set[int] = set()
     for segment_id, steps in recorded.items():
@@ -526,9 +578,10 @@ def test_production_stack_end_to_end(deployment: Deployment) -> None:
 
     # The webserver serves the same instance.
     data = deployment.graphql(
-        'query { assetNodeOrError(assetKey: {path: ["segment_matches"]}) { ... on AssetNode { partitionKeys } } }'
+        'query { assetNodeOrError(assetKey: {path: ["segment_matches"]}) { ... on AssetNode { partitionKeys kinds } } }'
     )
     assert set(data["assetNodeOrError"]["partitionKeys"]) == all_segments
+    assert set(data["assetNodeOrError"]["kinds"]) == {"postgresql", "pandas"}  # the code location's store
     print(
         f"\nproduction end to end: outcome {waited:.0f} s after the stack was up, membership changes "
         f"{changes_waited:.0f} s later ({len(evolving_steps)} steps of segment {evolving}); {len(runs)} runs, "

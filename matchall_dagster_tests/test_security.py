@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -41,10 +42,13 @@ from urllib.parse import quote, quote_plus
 import dagster as dg
 import duckdb
 import httpx
+import pandas as pd
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
 from matchall_dagster import (
     ActiveCampaignClient,
@@ -63,9 +67,16 @@ from matchall_dagster import (
 from matchall_dagster.api.validation import validate_api_url
 from matchall_dagster.cli import main
 from matchall_dagster.definitions import build_definitions
-from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
+from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT, Account
 from matchall_dagster.simulator import DEFAULT_TOKEN, Faults, Simulator, SimulatorConfig, SimulatorServer
-from matchall_dagster_tests.conftest import ServeSimulator, make_account
+from matchall_dagster.storage.io_manager import MatchallIOManager, MembershipStoreResource
+from matchall_dagster.storage.store import StoreUrl, open_store
+from matchall_dagster_tests.conftest import (
+    ServeSimulator,
+    make_account,
+    materialize_catalog,
+    materialize_segment,
+)
 
 # Recognisable, and with '/' and '+' so that its percent- and base64-encoded forms differ from it.
 TOKEN = "ac-key/7f3e9b1c5d2a+4e6f8a0b1c3d5e7f9a2b4c6d8e0f1a"
@@ -345,7 +356,7 @@ def test_the_api_token_appears_nowhere(
     scanner = Scanner()
     outputs: dict[str, str] = {}  # every command's stdout and stderr, by scenario
 
-    for name in ("MATCHALL_DUCKDB_PATH", "MATCHALL_SEGMENTS", "MATCHALL_MAX_RUN_ATTEMPTS"):
+    for name in ("MATCHALL_STORE", "MATCHALL_DUCKDB_PATH", "MATCHALL_SEGMENTS", "MATCHALL_MAX_RUN_ATTEMPTS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(home))  # the DuckDB file lands there too
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", sim.url)
@@ -471,6 +482,11 @@ def test_the_api_token_appears_nowhere(
         for resource in (inline, resolved):
             with resource.get_client() as client:
                 scanner.text("client repr", f"{client!r} {client}")
+        # `process_config_and_initialize` enters an ephemeral instance that Dagster leaves to the garbage
+        # collector. Collected after this test, its exit would restore this (by then closed) instance's state
+        # storage as the current one, and the next definitions loaded without an instance would fail on it.
+        del resource, resolved
+        gc.collect()
 
         # -- the scan ----------------------------------------------------------------------------
         event_logs = scan_instance(scanner, instance)
@@ -610,6 +626,122 @@ def test_a_refused_api_url_never_echoes_a_secret_it_holds(url: str) -> None:
         ActiveCampaignClient(url, TOKEN)
     pieces = [URL_SECRET[i : i + 6] for i in range(len(URL_SECRET) - 5)]  # not even a part of it
     assert [piece for piece in pieces if piece in str(caught.value)] == []
+
+
+# -- the membership store's password ---------------------------------------------------------------
+
+# With '/' and '+', so that its encoded forms differ from it (the scanner looks for each).
+PG_SECRET = "pg-pass/5e1f0c9d+7a2b4c6d8e0f"
+STORE_URLS_WITH_A_PASSWORD = {
+    "user and password": f"postgresql://matchall:{quote(PG_SECRET, safe='')}@127.0.0.1:5432/warehouse",
+    "password without user": f"postgresql://:{quote(PG_SECRET, safe='')}@127.0.0.1/warehouse",
+    "postgres scheme and schema": f"postgres://matchall:{quote(PG_SECRET, safe='')}@db.internal/w?schema=m",
+    "password as a connection option": f"postgresql://matchall@127.0.0.1/warehouse?password={quote(PG_SECRET)}",
+    "client key's password as an option": f"postgresql://matchall@127.0.0.1/w?sslpassword={quote(PG_SECRET)}",
+}
+# Every way a store URL enters the project. The resource and the IO manager are checked when they are
+# made: Dagster keeps their configuration in the run's snapshot before any step opens the store.
+STORE_ENTRY_POINTS: dict[str, Callable[[str], object]] = {
+    "StoreUrl.parse": StoreUrl.parse,
+    "open_store": open_store,
+    "Account(store=)": lambda url: Account(store=url),
+    "build_definitions(store=)": lambda url: build_definitions(store=url),
+    "MembershipStoreResource(url=)": lambda url: MembershipStoreResource(url=url),
+    "MatchallIOManager(store=)": lambda url: MatchallIOManager(store=url),
+}
+
+
+@pytest.mark.parametrize("entry", STORE_ENTRY_POINTS)
+@pytest.mark.parametrize("url", STORE_URLS_WITH_A_PASSWORD.values(), ids=STORE_URLS_WITH_A_PASSWORD)
+def test_a_store_url_never_carries_a_password(url: str, entry: str) -> None:
+    """A password in the store's URL is refused wherever the URL enters, and the refusal never repeats it:
+    the URL shows in metadata, logs and the UI; the password comes from PGPASSWORD or ~/.pgpass."""
+    with pytest.raises(ValueError, match="PGPASSWORD") as caught:
+        STORE_ENTRY_POINTS[entry](url)
+    scanner = Scanner({"PG_SECRET": PG_SECRET})
+    scanner.exception(entry, caught.value)
+    assert scanner.hits == []
+    pieces = [PG_SECRET[i : i + 6] for i in range(len(PG_SECRET) - 5)]  # not even a part of it
+    assert [piece for piece in pieces if piece in str(caught.value)] == []
+
+
+def scan_postgres(scanner: Scanner, url: str) -> None:
+    """Every row of every table in the store's schema."""
+    store = StoreUrl.parse(url)
+    with psycopg.connect(store.location) as connection:
+        tables = connection.execute(
+            "select table_name from information_schema.tables where table_schema = %s", [store.schema]
+        ).fetchall()
+        for (table,) in tables:
+            query = sql.SQL("select * from {}.{}").format(sql.Identifier(store.schema), sql.Identifier(table))
+            for row in connection.execute(query):
+                scanner.data(f"{store.schema}.{table}", repr(row).encode(), "postgresql row")
+
+
+@pytest.mark.usefixtures("fast_budget")
+def test_pgpassword_appears_nowhere_a_postgresql_store_writes(
+    tmp_path: Path,
+    simulator_env: SimulatorServer,
+    postgres_store: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """With PGPASSWORD set (the local server trusts, so any value connects), the catalog, a partition, its
+    history and a failed run on a missing database leave the password in no event, metadata, log or row."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("PGPASSWORD", PG_SECRET)
+    monkeypatch.delenv("MATCHALL_STORE", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    scanner = Scanner({"PGPASSWORD": PG_SECRET})
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        defs = build_definitions(store=postgres_store)
+        assert materialize_catalog(defs, instance).success
+        matches = materialize_segment(defs, instance, "10001")
+        assert matches.success
+        changes = dg.materialize(
+            [defs.get_assets_def(DEFAULT_ACCOUNT.changes_key)],
+            partition_key="10001",
+            instance=instance,
+            resources=defs.resources,
+        )
+        assert changes.success
+        gone = build_definitions(store=postgres_store.replace("/matchall_store_", "/matchall_gone_", 1))
+        failed = materialize_segment(gone, instance, "1", raise_on_error=False)
+        assert not failed.success
+        cli = CliRunner().invoke(main, ["changes", "10001", "--store", postgres_store], env={"PGPASSWORD": PG_SECRET})
+        assert cli.exit_code == 0, cli.stderr
+
+        event_logs = scan_instance(scanner, instance)
+        scanner.tree(home)
+        scan_postgres(scanner, postgres_store)
+        scanner.text("matchall changes", cli.stdout + cli.stderr)
+        scanner.text("captured log records", caplog.text)
+        for record in caplog.records:
+            scanner.text(f"log record {record.name}", f"{record.getMessage()} {record.args!r}")
+        captured = capfd.readouterr()
+        scanner.text("this process's stdout and stderr", captured.out + captured.err)
+        assert scanner.hits == []
+
+        # Not vacuous: the store was written and named, the failure was recorded, the rows were read back.
+        everything = "\n".join(event_logs.values())
+        assert str(StoreUrl.parse(postgres_store)) in everything  # the `store` metadata
+        assert "dagster/table_name" in everything
+        assert "Could not connect to the store" in event_logs[failed.run_id]
+        assert "matchall_gone_" in event_logs[failed.run_id]
+        assert scanner.counts["postgresql row"] > 10_000  # the partition's members, its history
+        # ... and the same scan finds the password where it is planted.
+        instance.report_runless_asset_event(
+            dg.AssetObservation(asset_key=DEFAULT_ACCOUNT.matches_key, metadata={"leak": PG_SECRET})
+        )
+        open_store(postgres_store).replace_table("planted", pd.DataFrame({"dsn": [f"password={PG_SECRET}"]}))
+        control = Scanner({"PGPASSWORD": PG_SECRET})
+        scan_instance(control, instance)
+        scan_postgres(control, postgres_store)
+    found = "\n".join(control.hits)
+    assert "event record" in found
+    assert ".planted: PGPASSWORD (raw)" in found
 
 
 # -- item 5: hostile input ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The Dagster UI as an analyst uses it, in a real browser (Debian's Chromium) on the production
 stack: the asset graph, the partitions of `segment_matches`, the failed check of the failing
 segment with its run id, a materialization launched by hand from the launchpad with a sort
-of the analyst's choosing, whose rows are then read from DuckDB, and the plot of the segments'
+of the analyst's choosing, whose rows are then read from the membership store (PostgreSQL, as in
+production), and the plot of the segments'
 sizes over time from `segment_membership_changes`.
 
 Small segments are read in batches (`read_small_segments`, one run for several partitions), so the
@@ -30,7 +31,6 @@ from typing import Any
 from urllib.parse import quote
 
 import dagster as dg
-import duckdb
 import pytest
 import yaml
 from playwright.sync_api import expect
@@ -39,7 +39,6 @@ from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.assets import MATCHES_COLUMNS
 from matchall_dagster.orchestration.metadata import RUN_ID
 from matchall_dagster.orchestration.names import BATCH_TAG, MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
-from matchall_dagster.storage.io_manager import TABLE
 from matchall_dagster_tests import browser
 from matchall_dagster_tests.browser import (
     CHROMIUM_ARGS,
@@ -195,22 +194,6 @@ def _plotted_sizes(instance: dg.DagsterInstance, segment_id: str) -> dict[str, i
         dg.AssetRecordsFilter(asset_key=CHANGES_KEY, asset_partitions=[segment_id]), limit=100
     ).records
     return {record.run_id: int(_metadata(record)["members"]) for record in records}
-
-
-def _stored_members(deployment: Deployment, segment_id: str) -> list[int]:
-    """The partition's contact ids in position order; retried while a run holds the file."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with duckdb.connect(str(deployment.duckdb_path), read_only=True) as connection:
-                rows = connection.execute(
-                    f"select contact_id from main.{TABLE} where segment_id = ? order by position", [segment_id]
-                ).fetchall()
-            return [int(contact_id) for (contact_id,) in rows]
-        except duckdb.IOException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -621,9 +604,9 @@ def test_analyst_follows_segments_and_materializes_one_from_the_launchpad(
         assert record.run_id == run_id
         metadata = _metadata(record)
         assert metadata["sort"] == CHOSEN_SORT
-        members = _stored_members(deployment, chosen)
+        members = deployment.stored_members(chosen)
 
-    # Nothing else wrote the partition meanwhile (the automation was paused), so DuckDB holds
+    # Nothing else wrote the partition meanwhile (the automation was paused), so the store holds
     # this run's rows: the simulator's exact list for the chosen sort, in descending id order.
     assert len(members) == metadata["dagster/row_count"] > 1
     assert all(a > b for a, b in itertools.pairwise(members)), "rows are not in descending id order"

@@ -36,6 +36,10 @@ RESULT_TITLES = {
     "latest.md": "The latest full matrix (`./scripts/bench.sh`)",
     "restructured-1m-400ms.md": "1,000,000 members at 400 ms after the restructuring (issue 12), side by side",
     "quiet-1m-400ms.md": "1,000,000 members at 400 ms on a quiet machine, side by side (before it)",
+    "store-10m.md": "The membership store at 10,000,000 members: DuckDB against PostgreSQL, side by side "
+    "(`python -m benchmarks.store`)",
+    "whole-path-1m-400ms-stores.md": "The whole Dagster path at 1,000,000 members and 400 ms, with each store "
+    "(`python -m benchmarks.run --sizes 1000000 --latencies 400 --tools whole --stores duckdb,postgresql`)",
 }
 
 

@@ -1,14 +1,18 @@
-"""`matchall changes`: who joined and who left a segment, read from the DuckDB file's history."""
+"""`matchall changes`: who joined and who left a segment, read from the membership store's history."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+import pyarrow as pa
 import pyarrow.csv as pa_csv
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from matchall_dagster.cli.shared import CSV_OPTIONS, fail, silence_closed_stdout
 
@@ -17,54 +21,62 @@ from matchall_dagster.cli.shared import CSV_OPTIONS, fail, silence_closed_stdout
 @click.argument("segment_id")
 @click.option("--since", help="Only what was observed on or after this date (YYYY-MM-DD) or time (ISO 8601; UTC).")
 @click.option(
-    "--database",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The DuckDB file; default MATCHALL_DUCKDB_PATH, else $DAGSTER_HOME/matchall.duckdb.",
+    "--store",
+    help="The membership store (duckdb:///path/file.duckdb, a DuckDB file's path, or postgresql://USER@HOST/DB); "
+    "default MATCHALL_STORE, else $DAGSTER_HOME/matchall.duckdb.",
 )
 @click.option("--contacts", is_flag=True, help="List each change (observed_at, change, contact_id, run_id) as CSV.")
-def changes(segment_id: str, since: str | None, database: Path | None, contacts: bool) -> None:
+def changes(segment_id: str, since: str | None, store: str | None, contacts: bool) -> None:
     """Who joined and who left SEGMENT_ID at each materialization: one line per step, or every contact."""
-    import duckdb
-
-    from matchall_dagster.settings import duckdb_path
-    from matchall_dagster.storage import history
+    from matchall_dagster.settings import store_url
+    from matchall_dagster.storage.store import StoreUnavailableError, StoreUrl, open_store
 
     start = _parse_since(since) if since else None
-    path = database or Path(duckdb_path())
-    if not path.is_file():
-        fail(f"No DuckDB file at {path}. Give --database, or set MATCHALL_DUCKDB_PATH or DAGSTER_HOME as Dagster's.")
     try:
-        connection = duckdb.connect(str(path), read_only=True)
-    except duckdb.Error as exc:
-        fail(
-            f"Could not open {path} for reading ({str(exc).splitlines()[0][:200]}). A running materialization may "
-            f"hold it: try again in a moment, or read a copy of the file."
+        url = StoreUrl.parse(store) if store else store_url()
+    except ValueError as exc:
+        fail(f"--store: {exc}")
+    membership = open_store(url)
+    try:
+        steps = membership.steps_since(segment_id, start)
+    except StoreUnavailableError as exc:
+        busy = (
+            " A running materialization may hold the DuckDB file: try again in a moment."
+            if url.kind == "duckdb"
+            else ""
         )
-    with connection:
-        tables = {row[0] for row in connection.execute("select table_name from information_schema.tables").fetchall()}
-        if history.STEPS_TABLE not in tables:
-            fail(f"{path} holds no membership history yet: materialize segment_membership_changes first.")
-        steps = history.steps_since(connection, segment_id, start)
-        if not steps:
-            if not history.has_history(connection, segment_id):
-                fail(f"Segment {segment_id!r} has no membership history in {path}; check the segment id.")
-            click.echo(f"No changes of segment {segment_id} since {start:%Y-%m-%d %H:%M:%S} UTC.", err=True)
-            return
-        if contacts:
-            _write_contacts(history.changes_since(connection, segment_id, start))
-            return
-        click.echo("observed_at\trun_id\tmembers\tjoined\tleft")
-        for observed_at, run_id, members, joined, left in steps:
-            click.echo(f"{observed_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}\t{run_id}\t{members}\t{joined}\t{left}")
+        fail(f"{exc} Give --store, or set MATCHALL_STORE or DAGSTER_HOME as Dagster's.{busy}")
+    if steps is None:
+        fail(f"{url} holds no membership history yet: materialize segment_membership_changes first.")
+    if not steps:
+        if not membership.steps_since(segment_id, None):
+            fail(f"Segment {segment_id!r} has no membership history in {url}; check the segment id.")
+        click.echo(f"No changes of segment {segment_id} since {start:%Y-%m-%d %H:%M:%S} UTC.", err=True)
+        return
+    if contacts:
+        _write_contacts(membership.changes_since(segment_id, start, batch_rows=100_000))
+        return
+    click.echo("observed_at\trun_id\tmembers\tjoined\tleft")
+    for observed_at, run_id, members, joined, left in steps:
+        click.echo(f"{observed_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}\t{run_id}\t{members}\t{joined}\t{left}")
 
 
-def _write_contacts(relation: Any) -> None:
+_CONTACT_SCHEMA = pa.schema(
+    [
+        ("observed_at", pa.timestamp("us", tz="UTC")),
+        ("change", pa.string()),
+        ("contact_id", pa.int64()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+def _write_contacts(batches: Iterator[pd.DataFrame]) -> None:
     """Every change as CSV on stdout, streamed in batches: a segment's history can be millions of rows."""
-    reader = relation.to_arrow_reader(100_000)
     try:
-        with pa_csv.CSVWriter(sys.stdout.buffer, reader.schema, write_options=CSV_OPTIONS) as writer:
-            for batch in reader:
-                writer.write_batch(batch)
+        with pa_csv.CSVWriter(sys.stdout.buffer, _CONTACT_SCHEMA, write_options=CSV_OPTIONS) as writer:
+            for frame in batches:
+                writer.write_table(pa.Table.from_pandas(frame, schema=_CONTACT_SCHEMA, preserve_index=False))
         sys.stdout.flush()
     except BrokenPipeError:
         silence_closed_stdout()

@@ -73,9 +73,10 @@ def _echo_unlisted(unlisted: list[str], deleted: set[str], admitted: set[str]) -
     """The rows of partitions ActiveCampaign does not list, from the catalog's last sight of them."""
     if unlisted:
         from matchall_dagster.orchestration.catalog import read_catalog
-        from matchall_dagster.settings import duckdb_path
+        from matchall_dagster.settings import store_url
+        from matchall_dagster.storage.store import open_store
 
-        known = read_catalog(duckdb_path(), unlisted, patience=0.5)
+        known = read_catalog(open_store(store_url()), unlisted, patience=0.5)
         for segment_id in unlisted:
             entry = known.get(segment_id)
             size = "" if entry is None or entry.last_total is None else str(entry.last_total)
@@ -108,7 +109,7 @@ def forget(segment_id: str, force: bool) -> None:
     from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
     from matchall_dagster.orchestration.deletions import NotForgettableError
     from matchall_dagster.orchestration.deletions import forget as forget_segment
-    from matchall_dagster.settings import duckdb_path
+    from matchall_dagster.settings import store_url
     from matchall_dagster.storage import history
 
     try:
@@ -126,12 +127,15 @@ def forget(segment_id: str, force: bool) -> None:
             forgotten = forget_segment(instance, DEFAULT_ACCOUNT, segment_id, force=force)
         except NotForgettableError as exc:
             fail(str(exc))
-    database = duckdb_path()
+    store = store_url()
     tables = (history.MATCHES_TABLE, history.CHANGES_TABLE, history.STEPS_TABLE, history.STATE_TABLE)
-    statements = " ".join(f"delete from main.{table} where segment_id = '{segment_id}';" for table in tables)  # noqa: S608  # printed, never run; ids hold no quotes (validate_id)
+    statements = " ".join(f"delete from {store.schema}.{table} where segment_id = '{segment_id}';" for table in tables)  # noqa: S608  # printed, never run; ids hold no quotes (validate_id)
+    client = (
+        f"duckdb {shlex.quote(store.location)}" if store.kind == "duckdb" else f"psql {shlex.quote(store.location)} -c"
+    )
     click.echo(
         f"Removed the partition of segment {segment_id} from segment_matches"
         + (" and its deleted mark." if forgotten.was_deleted else ".")
-        + f" Its stored rows are kept in {database}, its history in Dagster's event log. To delete the rows "
-        + f"(tables missing from the file can be left out):\n  duckdb {shlex.quote(database)} {shlex.quote(statements)}"
+        + f" Its stored rows are kept in {store}, its history in Dagster's event log. To delete the rows "
+        + f"(tables missing from the store can be left out):\n  {client} {shlex.quote(statements)}"
     )

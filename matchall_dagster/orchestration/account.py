@@ -6,7 +6,7 @@ set of deleted segments, jobs, ops, sensors, the schedule, the pool, resource ke
 here and nowhere else, so that two accounts load side by side in one code location without a
 collision, and the default account (no prefix) keeps the names the project has always had.
 
-Definitions reach their resources by key (`api`, `duckdb`) rather than by parameter name, since
+Definitions reach their resources by key (`api`, `store`) rather than by parameter name, since
 the keys differ per account.
 """
 
@@ -16,15 +16,15 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from matchall_dagster.api.validation import DEFAULT_SORT, validate_sort
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
 from matchall_dagster.settings import settings
+from matchall_dagster.storage.io_manager import MembershipStoreResource
+from matchall_dagster.storage.store import MembershipStore, StoreUrl
 
 __all__ = ["DEFAULT_ACCOUNT", "Account", "SegmentSelection"]
 
@@ -86,7 +86,7 @@ class Account:
     owners: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
     descriptions: Mapping[str, str] = field(default_factory=dict)  # by asset name, e.g. "segment_matches"
-    duckdb_path: str | None = None  # None: MATCHALL_DUCKDB_PATH, else matchall.duckdb in DAGSTER_HOME
+    store: str | None = None  # a store URL; None: MATCHALL_STORE, else matchall.duckdb in DAGSTER_HOME
 
     def __post_init__(self) -> None:
         for part in self.key_prefix:
@@ -96,6 +96,8 @@ class Account:
                     f"it becomes part of asset keys, job, sensor and pool names"
                 )
         validate_sort(self.sort)  # an InvalidInputError (a ValueError) naming the bad key
+        if self.store is not None:
+            StoreUrl.parse(self.store)  # a ValueError naming what to write
         if self.readiness_interval_seconds < 5:
             raise ValueError(
                 f"readiness_interval_seconds: {self.readiness_interval_seconds} is too short; give 5 or more "
@@ -149,8 +151,8 @@ class Account:
         return self.name("activecampaign")
 
     @property
-    def duckdb_resource(self) -> str:
-        return self.name("duckdb")
+    def store_resource(self) -> str:
+        return self.name("store")
 
     @property
     def io_manager_key(self) -> str:
@@ -164,23 +166,20 @@ class Account:
     def api(self, context: Any) -> ActiveCampaignResource:
         return cast(ActiveCampaignResource, getattr(context.resources, self.api_resource))
 
-    def duckdb(self, context: Any) -> DuckDBResource:
-        return cast(DuckDBResource, getattr(context.resources, self.duckdb_resource))
+    def membership_store(self, context: Any) -> MembershipStore:
+        return cast(MembershipStoreResource, getattr(context.resources, self.store_resource)).open()
 
-    def database(self) -> str:
-        """The DuckDB file the account's memberships land in: `duckdb_path`, else MATCHALL_DUCKDB_PATH (or
-        matchall.duckdb in DAGSTER_HOME), with the key prefix in its name for a prefixed account, so that two
-        accounts never share a file (DuckDB has one writer per file; the tables have the same names)."""
-        if self.duckdb_path:
-            return self.duckdb_path
-        default = Path(settings().database())
-        if not self.key_prefix:
-            return str(default)
-        return str(default.with_name(f"{default.stem}_{'_'.join(self.key_prefix)}{default.suffix}"))
+    def store_url(self) -> StoreUrl:
+        """Where the account's memberships land: `store`, else MATCHALL_STORE (or matchall.duckdb in DAGSTER_HOME)
+        with the key prefix in the file's or the schema's name for a prefixed account, so that two accounts never
+        share tables (they have the same names)."""
+        if self.store:
+            return StoreUrl.parse(self.store)
+        return settings().store_url().for_account(self.key_prefix)
 
     def table_name(self, table: str) -> str:
-        """A table's name as `dagster/table_name` gives it: DuckDB's catalog (the file's stem), schema, table."""
-        return f"{Path(self.database()).stem}.main.{table}"
+        """A table's name as `dagster/table_name` gives it: database (a DuckDB file's stem), schema, table."""
+        return self.store_url().table_name(table)
 
     def description(self, asset: str, default: str) -> str:
         return self.descriptions.get(asset, default)

@@ -186,8 +186,8 @@ def build_segment_matches(account: Account, *, freshness: dg.FreshnessPolicy | N
         },
         pool=account.pool,
         io_manager_key=account.io_manager_key,
-        required_resource_keys={account.api_resource, account.duckdb_resource},
-        kinds={"duckdb", "pandas"},
+        required_resource_keys={account.api_resource, account.store_resource},
+        kinds={account.store_url().kind, "pandas"},
         freshness_policy=freshness,
         description=account.description("segment_matches", MATCHES_DESCRIPTION),
         group_name=account.group_name,
@@ -197,7 +197,7 @@ def build_segment_matches(account: Account, *, freshness: dg.FreshnessPolicy | N
     def segment_matches(context: dg.AssetExecutionContext, config: AccountMatchesConfig) -> dg.Output[pd.DataFrame]:
         segment_id = context.partition_key
         sort = _validated(segment_id, config, account.sort)
-        entry = read_catalog(account.duckdb(context).database, [segment_id]).get(segment_id)
+        entry = read_catalog(account.membership_store(context), [segment_id]).get(segment_id)
         name = entry.name if entry is not None else None
         segment = labelled(segment_id, name)
 

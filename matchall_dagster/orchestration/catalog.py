@@ -7,20 +7,18 @@ discovery sensor requests a refresh when the listing changes. The same table is 
 the project finds a segment's name and expected size (`read_catalog`): a local read, no request.
 """
 
-import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 import pandas as pd
 
 from matchall_dagster.api.errors import ActiveCampaignError
 from matchall_dagster.api.models import Segment
 from matchall_dagster.orchestration.account import Account
 from matchall_dagster.orchestration.deletions import deleted_ids
+from matchall_dagster.storage.store import CATALOG_TABLE, MembershipStore
 
 __all__ = [
     "CATALOG_TABLE",
@@ -32,7 +30,6 @@ __all__ = [
     "read_catalog",
 ]
 
-CATALOG_TABLE = "activecampaign_segments"
 ACTIVE = "active"
 DELETED = "deleted"
 PREVIEW_ROWS = 20
@@ -135,83 +132,51 @@ def _preview(frame: pd.DataFrame) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def _connect(database: str, patience: float) -> duckdb.DuckDBPyConnection | None:
-    """A read-only connection, or None: no file yet, or a writer holding it longer than `patience` s."""
-    if not Path(database).is_file():
-        return None
-    deadline = time.monotonic() + patience
-    delay = 0.05
-    while True:
-        try:
-            return duckdb.connect(database, read_only=True)
-        except duckdb.Error:
-            if time.monotonic() + delay > deadline:
-                return None
-            time.sleep(delay)
-            delay *= 2
-
-
 def read_catalog(
-    database: str, segment_ids: Collection[str] | None = None, *, patience: float = 2.0
+    store: MembershipStore, segment_ids: Collection[str] | None = None, *, patience: float = 2.0
 ) -> dict[str, CatalogEntry]:
     """The catalog's entries (of `segment_ids`, or all), by id; empty when there is no catalog yet
-    or the file stays locked: a name or an expected size is never worth failing a step for."""
-    connection = _connect(database, patience)
-    if connection is None:
+    or the store stays unavailable: a name or an expected size is never worth failing a step for."""
+    frame = store.read_table(CATALOG_TABLE, patience=patience)
+    if frame is None:
         return {}
-    try:
-        exists = connection.execute(
-            "select count(*) from information_schema.tables where table_schema = 'main' and table_name = ?",
-            [CATALOG_TABLE],
-        ).fetchall()
-        if not exists[0][0]:
-            return {}
-        query = f"select segment_id, name, status, last_total, last_run_id from main.{CATALOG_TABLE}"  # noqa: S608  # constant names
-        if segment_ids is not None and len(segment_ids) == 1:
-            rows = connection.execute(query + " where segment_id = ?", list(segment_ids)).fetchall()
-        else:
-            rows = connection.execute(query).fetchall()
-    except duckdb.Error:
-        return {}
-    finally:
-        connection.close()
     wanted = None if segment_ids is None else set(segment_ids)
-    return {
-        str(row[0]): CatalogEntry(
-            segment_id=str(row[0]),
-            name=row[1],
-            status=str(row[2]),
-            last_total=None if row[3] is None else int(row[3]),
-            last_run_id=row[4],
+    entries = {}
+    for segment_id, name, status, total, run_id in frame[
+        ["segment_id", "name", "status", "last_total", "last_run_id"]
+    ].itertuples(index=False):
+        if wanted is not None and segment_id not in wanted:
+            continue
+        entries[str(segment_id)] = CatalogEntry(
+            segment_id=str(segment_id),
+            name=None if _missing(name) else str(name),
+            status=str(status),
+            last_total=None if _missing(total) else int(total),
+            last_run_id=None if _missing(run_id) else str(run_id),
         )
-        for row in rows
-        if wanted is None or row[0] in wanted
-    }
+    return entries
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
 
 
 def names_of(entries: Mapping[str, CatalogEntry]) -> dict[str, str]:
     return {segment_id: entry.name for segment_id, entry in entries.items() if entry.name}
 
 
-def _previous(database: str, log: Any) -> pd.DataFrame | None:
-    connection = _connect(database, patience=10.0)
-    if connection is None:
-        return None
+def _previous(store: MembershipStore, log: Any) -> pd.DataFrame | None:
     try:
-        return connection.execute(f"select * from main.{CATALOG_TABLE}").df()  # noqa: S608  # a constant name
-    except duckdb.CatalogException:
-        return None
-    except duckdb.Error as exc:
+        return store.read_table(CATALOG_TABLE, patience=10.0)
+    except Exception as exc:  # the engines' errors have no common base; the catalog is rebuilt anyway
         log.warning(f"Could not read the previous catalog ({exc}); segments no longer listed keep no name.")
         return None
-    finally:
-        connection.close()
 
 
 CATALOG_DESCRIPTION = (
     "The account's saved segments (GET /api/3/audiences): id, name, latest known size and run, dates, and whether "
     "ActiveCampaign still has them (status). Refreshed by the discovery sensor when the listing changes; table "
-    "main.activecampaign_segments."
+    "activecampaign_segments in the account's store."
 )
 
 
@@ -221,9 +186,9 @@ def build_catalog(account: Account) -> "tuple[dg.AssetsDefinition, dg.Unresolved
     @dg.asset(
         key=account.catalog_key,
         pool=account.pool,
-        kinds={"duckdb", "pandas"},
+        kinds={account.store_url().kind, "pandas"},
         io_manager_key=account.io_manager_key,
-        required_resource_keys={account.api_resource, account.duckdb_resource},
+        required_resource_keys={account.api_resource, account.store_resource},
         metadata={"dagster/column_schema": COLUMN_SCHEMA, "dagster/table_name": account.table_name(CATALOG_TABLE)},
         description=account.description("activecampaign_segments", CATALOG_DESCRIPTION),
         group_name=account.group_name,
@@ -239,7 +204,7 @@ def build_catalog(account: Account) -> "tuple[dg.AssetsDefinition, dg.Unresolved
             raise dg.Failure(description=f"{exc} The previous catalog is kept.") from None
         partitions = set(context.instance.get_dynamic_partitions(account.partitions_name))
         deleted = deleted_ids(context.instance, account)
-        frame = catalog_frame(listed, _previous(account.duckdb(context).database, context.log), partitions, deleted)
+        frame = catalog_frame(listed, _previous(account.membership_store(context), context.log), partitions, deleted)
         counts = frame["status"].value_counts()
         context.log.info(
             f"{len(listed):,} segment(s) listed in {requests} request(s); the catalog holds {len(frame):,} "

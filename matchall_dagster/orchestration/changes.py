@@ -1,6 +1,6 @@
 """`segment_membership_changes`: who joined and who left a segment since its previous materialization.
 
-Downstream of `segment_matches`, computed in DuckDB (see `history`) whenever a partition of
+Downstream of `segment_matches`, computed in the store's database (see `storage.history`) whenever a partition of
 `segment_matches` is materialized, by its own automation sensor. Its numeric metadata (members,
 joined, left, churn rate) feed the UI's plots; `membership_change_plausible` warns when too much
 of a segment changed in one step, the mark of a broken segment definition.
@@ -16,7 +16,7 @@ from matchall_dagster.orchestration.metadata import RUN_ID
 from matchall_dagster.orchestration.names import BATCH_TAG, PLAUSIBLE
 from matchall_dagster.orchestration.preview import partitioned_checks
 from matchall_dagster.settings import Settings, settings
-from matchall_dagster.storage.history import CHANGES_TABLE, JOINED, LEFT, Step, record_step
+from matchall_dagster.storage.history import CHANGES_TABLE, JOINED, LEFT, Step
 
 __all__ = [
     "CHANGES_AUTOMATION",
@@ -27,6 +27,7 @@ __all__ = [
     "changes_metadata",
     "describe",
     "plausibility",
+    "step_source",
 ]
 
 MAX_SHARE_VARIABLE = "MATCHALL_MAX_CHANGE_SHARE"
@@ -62,6 +63,13 @@ def plausibility(step: Step, max_share: float) -> dg.AssetCheckResult:
         description=description,
         metadata=metadata,
     )
+
+
+def step_source(record: dg.EventLogRecord) -> str:
+    """The key of the history step that compares a materialization of segment_matches: its Dagster run and
+    storage id. A storage id alone is unique only within one Dagster instance, and the store can outlive
+    the instance (SQLite to PostgreSQL, a reset): a reused id would be taken as already recorded."""
+    return f"{record.run_id}/{record.storage_id}"
 
 
 def describe(step: Step) -> str:
@@ -144,10 +152,10 @@ def build_changes(account: Account) -> tuple[dg.AssetsDefinition, dg.AutomationC
         key=account.changes_key,
         deps=[account.matches_key],
         partitions_def=account.segments_partitions,
-        kinds={"duckdb"},
+        kinds={account.store_url().kind},
         automation_condition=CHANGES_AUTOMATION,
         check_specs=[plausible],
-        required_resource_keys={account.duckdb_resource},
+        required_resource_keys={account.store_resource},
         metadata={"dagster/column_schema": CHANGES_COLUMNS, "dagster/table_name": account.table_name(CHANGES_TABLE)},
         description=account.description("segment_membership_changes", CHANGES_DESCRIPTION),
         group_name=account.group_name,
@@ -167,14 +175,12 @@ def build_changes(account: Account) -> tuple[dg.AssetsDefinition, dg.AutomationC
         source = records[0]
         metadata = source.asset_materialization.metadata
         run_id = metadata[RUN_ID].value if RUN_ID in metadata else ""
-        with account.duckdb(context).get_connection() as connection:
-            step = record_step(
-                connection,
-                segment_id,
-                source=str(source.storage_id),
-                run_id=str(run_id),
-                observed_at=datetime.fromtimestamp(source.timestamp, UTC),
-            )
+        step = account.membership_store(context).record_step(
+            segment_id,
+            source=step_source(source),
+            run_id=str(run_id),
+            observed_at=datetime.fromtimestamp(source.timestamp, UTC),
+        )
         context.log.info(describe(step))
         return dg.MaterializeResult(metadata=changes_metadata(step), check_results=[plausibility(step, max_share)])
 

@@ -6,7 +6,7 @@ readiness sensor finds a run failed or gone, it launches the check alone with th
 a segment whose run never materializes still shows why, in a run of its own with its log.
 (Sensors could report check results without a run, but Dagster 1.13 stores only one run-less
 result per check and partition.) `matches_complete` compares the stored rows with what the API
-said the run holds; the database counts them (a `PartitionSummary` input, see storage.py), so a
+said the run holds; the database counts them (a `PartitionSummary` input, see `storage.io_manager`), so a
 partition of millions of rows is never loaded into the check's process.
 """
 
@@ -24,7 +24,7 @@ from matchall_dagster.orchestration.dagster_private import check_target
 from matchall_dagster.orchestration.metadata import PAGE_TOTAL, RUN_ID, RUN_STARTED_AT, run_metadata
 from matchall_dagster.orchestration.names import MATCHES_COMPLETE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.preview import partitioned_checks
-from matchall_dagster.storage.io_manager import PartitionSummary
+from matchall_dagster.storage.store import PartitionSummary
 
 __all__ = [
     "RunCheckConfig",

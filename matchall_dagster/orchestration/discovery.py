@@ -29,6 +29,7 @@ from matchall_dagster.orchestration.deletions import (
     listed_again_observation,
 )
 from matchall_dagster.orchestration.resource import ActiveCampaignResource
+from matchall_dagster.storage.store import MembershipStore
 
 __all__ = ["build_discovery_sensor"]
 
@@ -54,7 +55,12 @@ class _Actions:
 
 
 def _actions(
-    account: Account, change: Reconciliation, names: dict[str, str], database: str, now: float, log: logging.Logger
+    account: Account,
+    change: Reconciliation,
+    names: dict[str, str],
+    store: MembershipStore,
+    now: float,
+    log: logging.Logger,
 ) -> _Actions:
     actions = _Actions()
     if change.new:
@@ -73,7 +79,7 @@ def _actions(
         )
         actions.done.append(f"added {len(change.new)}")
     if change.to_mark:
-        known_names = names_of(read_catalog(database, change.to_mark, patience=0.5))
+        known_names = names_of(read_catalog(store, change.to_mark, patience=0.5))
         log.warning(
             f"{len(change.to_mark)} tracked segment(s) missing from two listings in a row, marked deleted (their "
             f"rows are kept): {', '.join(change.to_mark[:20])}{' ...' if len(change.to_mark) > 20 else ''}"
@@ -103,7 +109,7 @@ def build_discovery_sensor(
         jobs=[kickoff_job, catalog_job],
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        required_resource_keys={account.api_resource, account.duckdb_resource},
+        required_resource_keys={account.api_resource, account.store_resource},
         description=f"Lists the saved segments of {account.label} (GET /api/3/audiences, one request per 10,000): "
         f"adds the new ones the selection admits ({account.segments.describe()}) as partitions and starts their "
         "runs, marks tracked ones missing from two listings in a row as deleted (unmarked when listed again), and "
@@ -131,7 +137,7 @@ def discover(context: dg.SensorEvaluationContext, account: Account, catalog_job:
     admitted = set(account.segments.tracked([*listed_ids, *partitions], names, unknown_name=True))
     change = reconcile(listed_ids, admitted, partitions, deleted, cursor.missing)
 
-    actions = _actions(account, change, names, account.duckdb(context).database, now, context.log)
+    actions = _actions(account, change, names, account.membership_store(context), now, context.log)
     requests, partition_requests, events, done = actions.requests, actions.partitions, actions.events, actions.done
 
     after_deleted = (deleted | set(change.to_mark)) - set(change.listed_again)

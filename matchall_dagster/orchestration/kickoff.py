@@ -127,7 +127,7 @@ def build_kickoff(account: Account) -> tuple[dg.JobDefinition, dg.ScheduleDefini
     @dg.op(
         name=account.name("start_match_all_runs"),
         pool=account.pool,
-        required_resource_keys={account.api_resource, account.duckdb_resource},
+        required_resource_keys={account.api_resource, account.store_resource},
         description="Start a match-all run for each tracked segment not marked deleted and record it as pending; a "
         "re-execution starts only the segments the interrupted attempt had not recorded. A segment answering 404 "
         "is marked deleted.",
@@ -151,7 +151,7 @@ def start_runs(context: dg.OpExecutionContext, account: Account, config: Kickoff
         sort = validate_sort(config.sort or account.sort)
     except ActiveCampaignError as exc:
         raise dg.Failure(description=f"{exc} Fix the kick-off's run configuration.") from None
-    names = names_of(read_catalog(account.duckdb(context).database))  # one local read; empty without a catalog
+    names = names_of(read_catalog(account.membership_store(context)))  # one local read; empty without a catalog
     chosen = config.segment_ids or context.instance.get_dynamic_partitions(account.partitions_name)
     segment_ids = _without_deleted(context, account, account.segments.tracked(chosen, names, unknown_name=True))
     kickoff = kickoff_id(context.dagster_run)

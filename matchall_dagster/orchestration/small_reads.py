@@ -10,11 +10,11 @@ For each segment the batch does what the asset, its checks and `segment_membersh
 and logs the same events on the segment's partition: the materialization of `segment_matches`
 (same metadata), the verdicts of `run_not_failed`, `run_not_expired` and `matches_complete`,
 the materialization of `segment_membership_changes` and `membership_change_plausible`. The rows
-are written by `storage.partitions` (one transaction a partition) and the history by
-`storage.history`, as the assets do. The runs carry `BATCH_TAG`, on which the automation of
+are written through the account's membership store (one transaction a partition), the history
+too, as the assets do. The runs carry `BATCH_TAG`, on which the automation of
 `segment_membership_changes` stands aside (`changes.CHANGES_AUTOMATION`). The batch reads every
 segment first (the API: at most 100 pages of 10,000 ids, 8 MB), then stores and judges them in
-passes (`_Batch.store`), so that the DuckDB file is opened twice a run and never held while the
+passes (`_Batch.store`), so that the store is connected to twice a run and never held while the
 API is waited for.
 
 A segment fails alone. A failed or expired remote run is recorded on its check, as the asset
@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from matchall_dagster.api.client import ActiveCampaignClient, MatchList
@@ -48,14 +47,14 @@ from matchall_dagster.orchestration.assets import (
     run_verdict,
 )
 from matchall_dagster.orchestration.catalog import read_catalog
-from matchall_dagster.orchestration.changes import changes_metadata, plausibility
+from matchall_dagster.orchestration.changes import changes_metadata, plausibility, step_source
 from matchall_dagster.orchestration.checks import evaluation, materialized_verdicts
 from matchall_dagster.orchestration.metadata import labelled
 from matchall_dagster.orchestration.names import BATCH_TAG
 from matchall_dagster.settings import Settings, settings
-from matchall_dagster.storage.history import Step, record_step
-from matchall_dagster.storage.io_manager import PartitionSummary
-from matchall_dagster.storage.partitions import replace_partition, stored_metadata, summarize
+from matchall_dagster.storage.history import Step
+from matchall_dagster.storage.io_manager import store_metadata
+from matchall_dagster.storage.store import MATCHES_TABLE, MembershipStore, PartitionSummary
 
 __all__ = [
     "BATCH_MAX_SEGMENTS",
@@ -169,19 +168,19 @@ class _Batch:
         account: Account,
         config: SmallReadsConfig,
         client: ActiveCampaignClient,
-        duckdb: DuckDBResource,
+        store: MembershipStore,
     ) -> None:
         self.context = context
         self.matches_key = account.matches_key
         self.changes_key = account.changes_key
         self.client = client
-        self.duckdb = duckdb
+        self.membership_store = store
         self.read_config = SegmentMatchesConfig(
             wait_timeout_seconds=config.wait_timeout_seconds, max_restarts=config.max_restarts
         )
         self.max_share = settings().max_change_share
         self.quiet = _WarningsOnly(context.log)
-        self.catalog = read_catalog(duckdb.database, [read.segment_id for read in config.reads])
+        self.catalog = read_catalog(store, [read.segment_id for read in config.reads])
         self.stored = 0
         self.handed_back = 0
 
@@ -205,13 +204,14 @@ class _Batch:
             budget=str(self.client.budget.store),
             log=log,
         )
-        return _Read(read, matches, {**metadata, **stored_metadata(self.duckdb.database, matches.total)})
+        stored = store_metadata(self.membership_store, MATCHES_TABLE, matches.total, partitioned=True)
+        return _Read(read, matches, {**metadata, **stored})
 
     def store(self, items: list[_Read]) -> None:
         """Store and judge the segments read: their rows on one connection, then on another each
         segment's events and history step, its two materializations milliseconds apart (see
-        `changes.CHANGES_AUTOMATION`). The DuckDB file is opened twice a batch rather than twice a
-        segment (an opening costs tens of milliseconds) and is never held while the API is waited for."""
+        `changes.CHANGES_AUTOMATION`). The store is connected to twice a batch rather than three times a
+        segment (a DuckDB opening costs tens of milliseconds) and is never held while the API is waited for."""
         written = self._each(items, self._write)
         recorded = self._each(written, self._record)
         for item, record in self._latest(self.changes_key, recorded):
@@ -220,28 +220,30 @@ class _Batch:
             self._log(evaluation(verdict, self.changes_key, item.segment_id, record))
             self.stored += 1
 
-    def _each(self, items: list[_Read], write: Callable[[Any, _Read], None]) -> list[_Read]:
+    def _each(self, items: list[_Read], write: Callable[[_Read], None]) -> list[_Read]:
         """The items `write` succeeded for, on one connection; the others are handed back."""
         done = []
         try:
-            with self.duckdb.get_connection() as connection:
+            with self.membership_store.held():
                 for item in items:
                     try:
-                        write(connection, item)
+                        write(item)
                     except Exception as exc:  # the database's errors have no common base: hand back any
                         self._hand_back(item.read, exc)
                     else:
                         done.append(item)
-        except Exception as exc:  # the file could not be opened (locked beyond the retries)
+        except Exception as exc:  # the store could not be opened (a file locked beyond the retries, a server down)
             for item in items[len(done) :]:
                 self._hand_back(item.read, exc)
         return done
 
-    def _write(self, connection: Any, item: _Read) -> None:
-        replace_partition(connection, item.segment_id, members_frame(item.segment_id, item.matches.contact_ids))
-        item.summary = summarize(connection, item.segment_id)
+    def _write(self, item: _Read) -> None:
+        self.membership_store.replace_partition(
+            item.segment_id, members_frame(item.segment_id, item.matches.contact_ids)
+        )
+        item.summary = self.membership_store.summarize(item.segment_id)
 
-    def _record(self, connection: Any, item: _Read) -> None:
+    def _record(self, item: _Read) -> None:
         """The materialization of `segment_matches`, its verdicts, the history step, the materialization of
         `segment_membership_changes`: as the asset, its checks and the history asset would record them."""
         self._log(dg.AssetMaterialization(self.matches_key, partition=item.segment_id, metadata=item.metadata))
@@ -250,10 +252,9 @@ class _Batch:
         assert item.summary is not None
         for result in materialized_verdicts(stored, item.summary, datetime.now(UTC)):
             self._log(evaluation(result, self.matches_key, item.segment_id, record))
-        item.step = record_step(
-            connection,
+        item.step = self.membership_store.record_step(
             item.segment_id,
-            source=str(record.storage_id),  # as the asset's: a later run of it appends nothing twice
+            source=step_source(record),  # as the asset's: a later run of it appends nothing twice
             run_id=item.matches.run.run_id,
             observed_at=datetime.fromtimestamp(record.timestamp, UTC),
         )
@@ -312,7 +313,7 @@ def build_small_reads(account: Account) -> dg.JobDefinition:
     @dg.op(
         name=account.name("read_segment_batch"),
         pool=account.pool,
-        required_resource_keys={account.api_resource, account.duckdb_resource},
+        required_resource_keys={account.api_resource, account.store_resource},
         description="Reads a batch of small ready segments (see small_reads).",
     )
     def read_segment_batch(context: dg.OpExecutionContext, config: SmallReadsConfig) -> None:
@@ -332,7 +333,7 @@ def build_small_reads(account: Account) -> dg.JobDefinition:
 
 def read_batch(context: dg.OpExecutionContext, account: Account, config: SmallReadsConfig) -> None:
     with account.api(context).get_client() as client:
-        batch = _Batch(context, account, config, client, account.duckdb(context))
+        batch = _Batch(context, account, config, client, account.membership_store(context))
         read = [batch.read(one) for one in config.reads]
     batch.store([item for item in read if isinstance(item, _Read)])
     counts = {"stored": batch.stored, "run ended": read.count("run ended"), "handed back": batch.handed_back}

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 
 from matchall_dagster import ActiveCampaignClient
 from matchall_dagster.lifecycle.cursor import ReadinessCursor
@@ -17,6 +16,7 @@ from matchall_dagster.lifecycle.policy import FIRST_POLL_DELAY
 from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.pending_runs import pending_observation
 from matchall_dagster.simulator import DEFAULT_TOKEN, SimulatorServer
+from matchall_dagster.storage.store import open_store
 from matchall_dagster_tests.conftest import sensor_context
 
 READINESS = "match_all_readiness_sensor"
@@ -94,15 +94,9 @@ def record_pending(
     return runs
 
 
-def stored_rows(duckdb_file: Path, segment_id: str) -> int:
-    connection = duckdb.connect(str(duckdb_file), read_only=True)
-    try:
-        ((count,),) = connection.execute(
-            "select count(*) from main.segment_matches where segment_id = ?", [segment_id]
-        ).fetchall()
-    finally:
-        connection.close()
-    return int(count)
+def stored_rows(store: str | Path, segment_id: str) -> int:
+    """The partition's rows in the store (a URL, or a DuckDB file's path)."""
+    return len(open_store(str(store)).read_partition(segment_id))
 
 
 def cursor_of(data: dg.SensorExecutionData) -> ReadinessCursor:

@@ -7,15 +7,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import pytest
 
-from matchall_dagster.definitions import kickoff_freshness
+from matchall_dagster import ActiveCampaignResource
+from matchall_dagster.definitions import account_definitions, kickoff_freshness
 from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT, Account, SegmentSelection
+from matchall_dagster.orchestration.catalog import read_catalog
 from matchall_dagster.orchestration.names import MATCHES_COMPLETE
 from matchall_dagster.settings import ConfigurationError
-from matchall_dagster.simulator import SimulatorServer
-from matchall_dagster_tests.conftest import materialize_segment
+from matchall_dagster.simulator import DEFAULT_TOKEN, SimAccount, SimSegment, SimulatorServer
+from matchall_dagster.storage.store import StoreUrl, open_store
+from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment, set_setting
+from matchall_dagster_tests.orchestration.stores import execute
 
 MATCHES = DEFAULT_ACCOUNT.matches_key
 CHANGES = DEFAULT_ACCOUNT.changes_key
@@ -34,8 +37,7 @@ def test_a_partition_whose_blocking_check_failed_is_never_diffed(
     assert dg.materialize(
         [defs.get_assets_def(MATCHES)], partition_key="10000", instance=instance, resources=defs.resources
     ).success
-    with duckdb.connect(str(duckdb_file)) as connection:
-        connection.execute("delete from main.segment_matches where segment_id = '10000' and position = 7")
+    execute(duckdb_file, "delete from main.segment_matches where segment_id = '10000' and position = 7")
     complete = dg.AssetCheckKey(MATCHES, MATCHES_COMPLETE)
     job = defs.resolve_job_def("segment_matches_job").get_subset(
         asset_selection=set(), asset_check_selection={complete}
@@ -52,8 +54,13 @@ def test_a_partition_whose_blocking_check_failed_is_never_diffed(
     assert after.get_requested_partitions(CHANGES) == {"9999"}
 
 
-def test_the_tables_are_described_for_the_ui(defs: dg.Definitions, duckdb_file: Path) -> None:
-    """Columns with descriptions, the table's name, and the account's group on every asset."""
+def test_the_tables_are_described_for_the_ui(store_defs: dg.Definitions, store_url: str) -> None:
+    """Columns with descriptions, the table's name (`<database>.<schema>.<table>` on each engine), the engine
+    among the kinds, and the account's group on every asset."""
+    defs = store_defs
+    url = StoreUrl.parse(store_url)
+    database = Path(url.location).stem if url.kind == "duckdb" else url.location.rsplit("/", 1)[-1]
+    namespace = "main" if url.kind == "duckdb" else store_url.rsplit("schema=", 1)[-1]
     for key, table, columns in (
         (MATCHES, "segment_matches", ["segment_id", "position", "contact_id"]),
         (CHANGES, "segment_membership_changes", ["segment_id", "contact_id", "change", "run_id", "observed_at"]),
@@ -65,7 +72,8 @@ def test_the_tables_are_described_for_the_ui(defs: dg.Definitions, duckdb_file: 
         assert all(column.description for column in schema.columns)
         if columns is not None:
             assert [column.name for column in schema.columns] == columns
-        assert spec.metadata["dagster/table_name"] == f"{duckdb_file.stem}.main.{table}"
+        assert spec.metadata["dagster/table_name"] == f"{database}.{namespace}.{table}"
+        assert url.kind in spec.kinds
         assert spec.group_name == "activecampaign"
     assert isinstance(defs.get_assets_def(MATCHES).specs_by_key[MATCHES].freshness_policy, dg.FreshnessPolicy)
 
@@ -102,12 +110,63 @@ def test_names_are_today_s_without_a_prefix_and_prefixed_with_one() -> None:
 
 
 def test_a_prefixed_account_gets_a_duckdb_file_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("MATCHALL_DUCKDB_PATH", str(tmp_path / "matchall.duckdb"))
-    from matchall_dagster.settings import settings
+    set_setting(monkeypatch, "MATCHALL_STORE", f"duckdb://{tmp_path / 'matchall.duckdb'}")
+    assert DEFAULT_ACCOUNT.store_url() == StoreUrl("duckdb", str(tmp_path / "matchall.duckdb"))
+    acme = Account(key_prefix=("acme", "eu"))
+    assert acme.store_url() == StoreUrl("duckdb", str(tmp_path / "matchall_acme_eu.duckdb"))
+    assert acme.table_name("segment_matches") == "matchall_acme_eu.main.segment_matches"
+    own = Account(key_prefix=("acme",), store=f"duckdb://{tmp_path / 'elsewhere.duckdb'}")
+    assert own.store_url() == StoreUrl("duckdb", str(tmp_path / "elsewhere.duckdb"))  # its own store, as given
 
-    settings.cache_clear()
-    assert DEFAULT_ACCOUNT.database() == str(tmp_path / "matchall.duckdb")
-    assert Account(key_prefix=("acme",)).database() == str(tmp_path / "matchall_acme.duckdb")
+
+def test_a_prefixed_account_gets_a_postgresql_schema_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_setting(monkeypatch, "MATCHALL_STORE", "postgresql://matchall@db.internal:5432/warehouse")
+    default, acme = DEFAULT_ACCOUNT.store_url(), Account(key_prefix=("Acme", "eu")).store_url()
+    assert (default.kind, default.schema, acme.kind, acme.schema) == (
+        "postgresql",
+        "matchall",
+        "postgresql",
+        "matchall_acme_eu",
+    )
+    assert acme.location == default.location  # the same server and database
+    assert (
+        Account(key_prefix=("Acme", "eu")).table_name("segment_matches") == "warehouse.matchall_acme_eu.segment_matches"
+    )
+    set_setting(monkeypatch, "MATCHALL_STORE", "postgresql://matchall@db.internal:5432/warehouse?schema=crm")
+    assert Account(key_prefix=("acme",)).store_url().schema == "crm_acme"
+    assert str(Account(key_prefix=("acme",)).store_url()).endswith("/warehouse?schema=crm_acme")
+
+
+def test_two_accounts_sharing_a_store_write_apart(
+    store_url: str,
+    serve_simulator: ServeSimulator,
+    instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On each engine, through Dagster: the default account and a prefixed one, both on MATCHALL_STORE, write
+    their catalog (the same table name) to the store's file or schema and to their own, each reading back its own."""
+    set_setting(monkeypatch, "MATCHALL_STORE", store_url)
+    servers = {
+        "": serve_simulator(SimAccount([SimSegment("1", "Default's", 3)])),
+        "acme": serve_simulator(SimAccount([SimSegment("2", "Acme's", 5)])),
+    }
+    accounts = {prefix: Account(key_prefix=(prefix,) if prefix else ()) for prefix in servers}
+    for prefix, account in accounts.items():
+        api = ActiveCampaignResource(api_url=servers[prefix].url, api_key=DEFAULT_TOKEN, requests_per_second=1000)
+        defs = account_definitions(account, api)
+        assert (
+            defs.resolve_job_def(account.name("activecampaign_segments_job"))
+            .execute_in_process(instance=instance, resources=defs.resources)
+            .success
+        )
+    default_store, acme_store = (open_store(account.store_url()) for account in accounts.values())
+    assert default_store.url != acme_store.url
+    assert {k: e.name for k, e in read_catalog(default_store).items()} == {"1": "Default's"}
+    assert {k: e.name for k, e in read_catalog(acme_store).items()} == {"2": "Acme's"}
+    if default_store.url.kind == "duckdb":
+        assert Path(acme_store.url.location).name == f"{Path(default_store.url.location).stem}_acme.duckdb"
+    else:
+        assert acme_store.url.schema == f"{default_store.url.schema}_acme"
 
 
 @pytest.mark.parametrize(

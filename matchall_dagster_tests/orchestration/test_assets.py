@@ -1,8 +1,9 @@
-"""`segment_matches` and its checks, run by Dagster in process against the simulator and DuckDB.
+"""`segment_matches` and its checks, run by Dagster in process against the simulator and the store.
 
 Every test materializes through `dg.materialize` (or executes the project's jobs) on a test
 instance, talks to a simulator over real HTTP on 127.0.0.1, and reads the stored rows back from
-the DuckDB file.
+the store: a DuckDB file, and for the tests where the engine matters (`store_url`) a PostgreSQL
+schema too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 import pytest
 
 from matchall_dagster import ActiveCampaignClient, ActiveCampaignResource, MatchAllRun
@@ -27,6 +27,7 @@ from matchall_dagster.orchestration.assets import size_note
 from matchall_dagster.orchestration.catalog import read_catalog
 from matchall_dagster.orchestration.names import MATCHES_COMPLETE, PLAUSIBLE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.simulator import DEFAULT_TOKEN, Behavior, SimAccount, SimSegment, SimulatorServer
+from matchall_dagster.storage.store import StoreUrl, open_store
 from matchall_dagster_tests.conftest import (
     CHECKS,
     UUID_SEGMENT,
@@ -37,6 +38,7 @@ from matchall_dagster_tests.conftest import (
     sensor_context,
     set_setting,
 )
+from matchall_dagster_tests.orchestration.stores import execute, failing_before_commit, stored, table_exists
 
 ASSET_KEY = dg.AssetKey("segment_matches")
 DAY = 86_400.0
@@ -44,30 +46,6 @@ BIG_SEGMENT = "250000"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def stored(duckdb_file: Path, segment_id: str) -> list[int]:
-    """The partition's contact ids in position order; positions must be exactly 1..n."""
-    connection = duckdb.connect(str(duckdb_file))
-    try:
-        rows = connection.execute(
-            "select position, contact_id from segment_matches where segment_id = ? order by position", [segment_id]
-        ).fetchall()
-    finally:
-        connection.close()
-    assert [position for position, _ in rows] == list(range(1, len(rows) + 1))
-    return [contact_id for _, contact_id in rows]
-
-
-def table_exists(duckdb_file: Path) -> bool:
-    connection = duckdb.connect(str(duckdb_file))
-    try:
-        (count,) = connection.execute(
-            "select count(*) from information_schema.tables where table_name = 'segment_matches'"
-        ).fetchone() or (0,)
-    finally:
-        connection.close()
-    return bool(count)
 
 
 def evaluations(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
@@ -127,17 +105,10 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return str(data.user_failure_data.description)
 
 
-def set_catalog(duckdb_file: Path, segment_id: str, **values: Any) -> None:
+def set_catalog(store: str | Path, segment_id: str, **values: Any) -> None:
     """Change a segment's catalog row, as a later listing could have counted it."""
-    connection = duckdb.connect(str(duckdb_file))
-    try:
-        for column, value in values.items():
-            connection.execute(
-                f"update main.activecampaign_segments set {column} = ? where segment_id = ?",  # test's own names
-                [value, segment_id],
-            )
-    finally:
-        connection.close()
+    for column, value in values.items():
+        execute(store, f"update activecampaign_segments set {column} = ? where segment_id = ?", [value, segment_id])
 
 
 def fast_resource(server: SimulatorServer, **options: Any) -> ActiveCampaignResource:
@@ -162,13 +133,59 @@ def set_behavior(server: SimulatorServer, segment_id: str, behavior: Behavior) -
 
 @pytest.mark.parametrize("segment_id", ["100", "1", "10000", "10001", UUID_SEGMENT])
 def test_rows_equal_the_ground_truth_in_position_order(
-    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path, segment_id: str
+    store_defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    server: SimulatorServer,
+    store_url: str,
+    segment_id: str,
 ) -> None:
-    result = materialize_segment(defs, instance, segment_id)
+    """On each engine: the rows (none for the empty segment), the storage metadata, the checks' verdicts."""
+    result = materialize_segment(store_defs, instance, segment_id)
     truth = server.simulator.truth(segment_id)
-    assert stored(duckdb_file, segment_id) == truth
-    assert materialization(result)["dagster/row_count"] == len(truth)
+    assert stored(store_url, segment_id) == truth
+    metadata = materialization(result)
+    assert metadata["dagster/row_count"] == metadata["dagster/partition_row_count"] == len(truth)
+    url = StoreUrl.parse(store_url)
+    assert metadata["dagster/storage_kind"] == url.kind
+    assert metadata["dagster/table_name"] == f"{url.database}.{url.schema}.segment_matches"
     assert all(evaluation.passed for evaluation in evaluations(result).values())
+
+
+def test_a_rematerialization_replaces_the_partition_and_a_failed_write_keeps_the_previous_rows(
+    store_defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    server: SimulatorServer,
+    store_url: str,
+) -> None:
+    """On each engine, through the IO manager: another sort replaces the partition's rows (not appended,
+    the partition beside it untouched); a write that fails after its rows are in, before its commit,
+    fails the run and leaves the previous rows exactly; an empty answer empties the partition."""
+    assert materialize_segment(store_defs, instance, "10001").success
+    assert materialize_segment(store_defs, instance, "1").success
+    materialize_segment(store_defs, instance, "10001", {"sort": "-email"})
+    resorted = server.simulator.truth("10001", "-email")
+    assert resorted != server.simulator.truth("10001")
+    assert stored(store_url, "10001") == resorted
+    assert stored(store_url, "1") == server.simulator.truth("1")
+
+    with failing_before_commit(store_url, "replace_partition") as written:
+        failed = materialize_segment(store_defs, instance, "10001", {"sort": "email"}, raise_on_error=False)
+    assert not failed.success
+    (failure,) = failed.get_step_failure_events()
+    assert "No space left on device (injected)" in str(failure.step_failure_data.error)
+    assert written == [10_001]
+    assert not failed.asset_materializations_for_node("segment_matches")
+    assert stored(store_url, "10001") == resorted
+
+    # A segment whose every member leaves: its next read is empty, and so is its partition.
+    server.simulator.account.segments.append(SimSegment("vanishing", "Vanishing", 3, churn=1.0, growth=-1.0))
+    materialize_segment(store_defs, instance, "vanishing")
+    assert len(stored(store_url, "vanishing")) == 3
+    emptied = materialize_segment(store_defs, instance, "vanishing")
+    assert materialization(emptied)["dagster/row_count"] == 0
+    assert all(evaluation.passed for evaluation in evaluations(emptied).values())
+    assert stored(store_url, "vanishing") == []
+    assert stored(store_url, "10001") == resorted
 
 
 def test_a_quarter_million_members_equal_the_ground_truth(
@@ -177,7 +194,7 @@ def test_a_quarter_million_members_equal_the_ground_truth(
     server = serve_simulator(SimAccount([SimSegment(BIG_SEGMENT, "Engaged", 250_000)], seed=11))
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
-    defs = build_definitions(duckdb_database=str(duckdb_file))
+    defs = build_definitions(store=str(duckdb_file))
     resources = with_resource(defs, fast_resource(server))  # 27 requests: not at the account's 4/s
     result = materialize_segment(defs, instance, BIG_SEGMENT, {"sort": "-email"}, resources=resources)
     assert stored(duckdb_file, BIG_SEGMENT) == server.simulator.truth(BIG_SEGMENT, "-email")
@@ -235,7 +252,7 @@ def test_a_materialization_names_its_segment_and_notes_a_size_far_from_the_catal
     assert not {"segment_name", "expected_total", "size_note"} & set(plain)
 
     materialize_catalog(defs, instance)
-    entry = read_catalog(str(duckdb_file), ["10001"])["10001"]
+    entry = read_catalog(open_store(str(duckdb_file)), ["10001"])["10001"]
     set_catalog(duckdb_file, "10001", last_total=10_001, last_run_id="r-0")  # as the listing counts it
     result = materialize_segment(defs, instance, "10001")
     metadata = materialization(result)
@@ -313,7 +330,7 @@ def test_invalid_run_config_fails_the_run_with_a_clear_message_and_sends_nothing
     assert server.simulator.stats()["requests"] == 0
     assert re.search(message, failure_message(result))
     assert not result.asset_materializations_for_node("segment_matches")
-    assert not table_exists(duckdb_file)
+    assert not table_exists(duckdb_file, "segment_matches")
 
 
 @pytest.mark.parametrize("config", [{}, {"sort": ""}], ids=["left-out", "empty"])
@@ -337,7 +354,7 @@ def test_a_sort_change_mid_read_is_read_again_from_the_first_page(
     server = serve_simulator(ready_after=30.0)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
-    defs = build_definitions(duckdb_database=str(duckdb_file))
+    defs = build_definitions(store=str(duckdb_file))
     other = ActiveCampaignClient(server.url, DEFAULT_TOKEN, requests_per_second=1000)  # someone else
     run = other.start_run("25001", sort="email")
     server.simulator.advance_clock(31)  # ready
@@ -472,45 +489,62 @@ def run_matches_complete(
     )
 
 
+TAMPERS = {
+    "last-row-lost": (
+        "delete from segment_matches where segment_id = '10001' and position = 10001",
+        "10000 rows stored where the run holds 10001",
+    ),
+    "middle-row-lost": (
+        "delete from segment_matches where segment_id = '10001' and position = 5",
+        "10000 rows stored where the run holds 10001; positions are not exactly 1..n",
+    ),
+    "duplicate": (
+        "update segment_matches set contact_id = (select contact_id from segment_matches "
+        "where segment_id = '10001' and position = 1) where segment_id = '10001' and position = 2",
+        "1 contact id(s) stored more than once",
+    ),
+    "positions-shifted": (
+        "update segment_matches set position = position + 1 where segment_id = '10001'",
+        "positions are not exactly 1..n",
+    ),
+}
+
+
 @pytest.mark.parametrize(
-    ("tamper", "problem"),
+    ("engine", "case"),
     [
-        (
-            "delete from segment_matches where segment_id = '10001' and position = 10001",
-            "10000 rows stored where the run holds 10001",
-        ),
-        (
-            "delete from segment_matches where segment_id = '10001' and position = 5",
-            "10000 rows stored where the run holds 10001; positions are not exactly 1..n",
-        ),
-        (
-            "update segment_matches set contact_id = (select contact_id from segment_matches "
-            "where segment_id = '10001' and position = 1) where segment_id = '10001' and position = 2",
-            "1 contact id(s) stored more than once",
-        ),
-        (
-            "update segment_matches set position = position + 1 where segment_id = '10001'",
-            "positions are not exactly 1..n",
-        ),
+        *(("duckdb", case) for case in TAMPERS),
+        # On PostgreSQL, a lost row and a repeated contact: the summary's counts from its own SQL.
+        ("postgresql", "middle-row-lost"),
+        ("postgresql", "duplicate"),
     ],
-    ids=["last-row-lost", "middle-row-lost", "duplicate", "positions-shifted"],
 )
 def test_matches_complete_fails_when_the_stored_rows_disagree_with_the_run(
-    defs: dg.Definitions,
+    request: pytest.FixtureRequest,
+    simulator_env: SimulatorServer,
     instance: dg.DagsterInstance,
-    server: SimulatorServer,
-    duckdb_file: Path,
-    tamper: str,
-    problem: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    engine: str,
+    case: str,
 ) -> None:
+    """The summary the check reads is the database's count of the rows as they are now: the rows never
+    reach the check's process (the IO manager answers a PartitionSummary input with the engine's `summarize`)."""
+    server = simulator_env
+    store = (
+        f"duckdb://{tmp_path / 'matchall.duckdb'}" if engine == "duckdb" else request.getfixturevalue("postgres_store")
+    )
+    defs = build_definitions(store=store)
+    tamper, problem = TAMPERS[case]
     assert evaluations(materialize_segment(defs, instance, "10001"))[MATCHES_COMPLETE].passed
     materialize_segment(defs, instance, "1")
-    connection = duckdb.connect(str(duckdb_file))
-    try:
-        connection.execute(tamper)
-    finally:
-        connection.close()
+    execute(store, tamper)
     requests = server.simulator.stats()["requests"]
+
+    def rows_loaded(*args: Any) -> None:
+        raise AssertionError("matches_complete loaded the partition's rows")
+
+    monkeypatch.setattr(type(open_store(store)), "read_partition", rows_loaded)
 
     result = run_matches_complete(defs, instance, "10001")
 
@@ -525,7 +559,7 @@ def test_matches_complete_fails_when_the_stored_rows_disagree_with_the_run(
     assert problem.lower() in evaluation.description.lower()  # says what is wrong
     assert not recorded_evaluation(instance, MATCHES_COMPLETE, "10001", result.run_id).passed
     assert not result.asset_materializations_for_node("segment_matches")
-    assert server.simulator.stats()["requests"] == requests  # the check reads DuckDB only
+    assert server.simulator.stats()["requests"] == requests  # the check reads the store only
     intact = run_matches_complete(defs, instance, "1")
     assert intact.success
     assert intact.get_asset_check_evaluations()[0].passed
@@ -544,7 +578,7 @@ def test_schedule_sensors_and_materializations_end_to_end(
     tracked = ["1", "10001", "99"]  # 99 takes an hour to be ready
     names = {segment.id: segment.name for segment in server.simulator.account.segments}
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", ",".join(tracked))
-    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
+    defs = build_definitions(store=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     kickoff_job = defs.resolve_job_def("match_all_kickoff_job")
 
     readiness = defs.resolve_sensor_def("match_all_readiness_sensor")
@@ -641,7 +675,7 @@ def test_dagster_definitions_validate_accepts_the_code_location(tmp_path: Path) 
         DAGSTER_HOME=str(home),
         ACTIVECAMPAIGN_API_URL="http://127.0.0.1:9",
         ACTIVECAMPAIGN_API_KEY=DEFAULT_TOKEN,
-        MATCHALL_DUCKDB_PATH=str(tmp_path / "matchall.duckdb"),
+        MATCHALL_STORE=f"duckdb://{tmp_path / 'matchall.duckdb'}",
     )
     dagster = Path(sys.executable).parent / "dagster"
     completed = subprocess.run(

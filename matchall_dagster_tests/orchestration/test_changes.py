@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,9 +17,9 @@ from matchall_dagster.orchestration.account import DEFAULT_ACCOUNT
 from matchall_dagster.orchestration.changes import MAX_SHARE_VARIABLE, PLAUSIBLE
 from matchall_dagster.settings import ConfigurationError, settings
 from matchall_dagster.simulator import SimAccount, SimSegment, SimulatorServer
-from matchall_dagster.storage import history as store
-from matchall_dagster.storage.io_manager import DEFAULT_MEMORY_LIMIT
+from matchall_dagster.storage.store import open_store
 from matchall_dagster_tests.conftest import ServeSimulator, materialize_segment, set_setting
+from matchall_dagster_tests.orchestration.stores import count, execute
 
 CHANGES_KEY = DEFAULT_ACCOUNT.changes_key
 
@@ -49,12 +48,12 @@ def materialize_changes(
     )
 
 
-def history(duckdb_file: Path, segment_id: str, run_id: str) -> tuple[set[int], set[int]]:
-    with duckdb.connect(str(duckdb_file), read_only=True) as connection:
-        rows = connection.execute(
-            "select change, contact_id from segment_membership_changes where segment_id = ? and run_id = ?",
-            [segment_id, run_id],
-        ).fetchall()
+def history(store: str | Path, segment_id: str, run_id: str) -> tuple[set[int], set[int]]:
+    rows = execute(
+        store,
+        "select change, contact_id from segment_membership_changes where segment_id = ? and run_id = ?",
+        [segment_id, run_id],
+    )
     return {c for kind, c in rows if kind == "joined"}, {c for kind, c in rows if kind == "left"}
 
 
@@ -69,14 +68,16 @@ def remote_run_id(result: dg.ExecuteInProcessResult) -> str:
 
 
 def test_each_materialization_records_exactly_who_joined_and_who_left(
-    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path
+    store_defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, store_url: str
 ) -> None:
+    """On each engine: joined and left computed in the database equal the simulator's generations."""
+    defs = store_defs
     account = server.simulator.account
     members = [set(account.members("e", generation).tolist()) for generation in range(3)]
     for generation in range(3):
         run_id = remote_run_id(materialize_segment(defs, instance, "e"))  # each run: the next generation
         result = materialize_changes(defs, instance, "e")
-        joined, left = history(duckdb_file, "e", run_id)
+        joined, left = history(store_url, "e", run_id)
         if generation == 0:
             assert (joined, left) == (members[0], set())  # the first step: everyone joined
         else:
@@ -95,22 +96,25 @@ def test_each_materialization_records_exactly_who_joined_and_who_left(
 
 
 def test_a_re_run_appends_nothing(
-    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path
+    store_defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, store_url: str
 ) -> None:
+    """On each engine: the same materialization of segment_matches recorded twice appends nothing."""
+    defs = store_defs
     materialize_segment(defs, instance, "e")
     materialize_changes(defs, instance, "e")
     materialize_segment(defs, instance, "e")
     first = metadata_of(materialize_changes(defs, instance, "e"))
-    with duckdb.connect(str(duckdb_file), read_only=True) as connection:
-        before = connection.execute("select count(*) from segment_membership_changes").fetchone()
+    before = count(store_url, "segment_membership_changes")
+    state = count(store_url, "segment_membership_state")
+    assert before > first["members"]  # two steps: everyone joined, then the changes
     again = metadata_of(materialize_changes(defs, instance, "e"))
     assert again["appended"] is False
     assert {k: again[k] for k in ("members", "joined", "left", "run_id")} == {
         k: first[k] for k in ("members", "joined", "left", "run_id")
     }
-    with duckdb.connect(str(duckdb_file), read_only=True) as connection:
-        assert connection.execute("select count(*) from segment_membership_changes").fetchone() == before
-        assert connection.execute("select count(*) from segment_membership_steps").fetchone() == (2,)
+    assert count(store_url, "segment_membership_changes") == before
+    assert count(store_url, "segment_membership_steps") == 2
+    assert count(store_url, "segment_membership_state") == state == first["members"]
 
 
 def test_a_segment_that_changes_too_much_in_one_step_is_flagged(
@@ -188,18 +192,20 @@ def test_a_large_segment_is_compared_without_python_objects_per_id(tmp_path: Pat
     """The step is SQL under the project's DuckDB memory cap: Python allocates next to nothing for it."""
     n = 2_000_000
     ids = np.random.default_rng(5).permutation(2 * n)[:n].astype(np.int64)
-    with duckdb.connect(str(tmp_path / "big.duckdb"), config={"memory_limit": DEFAULT_MEMORY_LIMIT}) as connection:
-        frame = pd.DataFrame({"segment_id": "big", "position": np.arange(1, n + 1), "contact_id": ids})
-        connection.execute("create table segment_matches as select * from frame")
-        del frame, ids
-        store.record_step(connection, "big", source="1", run_id="r1", observed_at=datetime.now(UTC))
-        connection.execute("update segment_matches set contact_id = contact_id + 10 * ? where position <= 20000", [n])
-        tracemalloc.start()
-        started = time.perf_counter()
-        step = store.record_step(connection, "big", source="2", run_id="r2", observed_at=datetime.now(UTC))
-        elapsed = time.perf_counter() - started
-        _, python_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+    url = f"duckdb://{tmp_path / 'big.duckdb'}"
+    store = open_store(url)
+    store.replace_partition(
+        "big", pd.DataFrame({"segment_id": "big", "position": np.arange(1, n + 1), "contact_id": ids})
+    )
+    del ids
+    store.record_step("big", source="1", run_id="r1", observed_at=datetime.now(UTC))
+    execute(url, "update segment_matches set contact_id = contact_id + 10 * ? where position <= 20000", [n])
+    tracemalloc.start()
+    started = time.perf_counter()
+    step = store.record_step("big", source="2", run_id="r2", observed_at=datetime.now(UTC))
+    elapsed = time.perf_counter() - started
+    _, python_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
     assert (step.joined, step.left, step.members) == (20_000, 20_000, n)
     print(f"\n{n:,} members, 1 % changed: {elapsed:.2f} s, Python allocated at most {python_peak / 1024:.0f} KiB")
     assert python_peak < 1_000_000  # one int object per changed id alone would take 1.1 MB

@@ -24,7 +24,11 @@ print("loaded")
 
 
 def test_the_definitions_load_without_warnings(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "DAGSTER_HOME": str(tmp_path), "MATCHALL_DUCKDB_PATH": str(tmp_path / "m.duckdb")}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DAGSTER_HOME": str(tmp_path),
+        "MATCHALL_STORE": f"duckdb://{tmp_path / 'm.duckdb'}",
+    }
     result = subprocess.run(
         [sys.executable, "-W", "error", "-c", LOAD], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )

@@ -89,7 +89,7 @@ def test_discovery_honours_the_allow_list(
     instance: dg.DagsterInstance, defs: dg.Definitions, duckdb_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", "10001, 1,not-there")
-    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
+    defs = build_definitions(store=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     (request,) = tick(instance, defs, DISCOVERY).dynamic_partitions_requests
     assert list(request.partition_keys) == ["1", "10001"]
 
@@ -189,7 +189,7 @@ def test_a_partition_outside_the_allow_list_is_never_marked(
 ) -> None:
     _, cursor = discover(instance, defs)
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", "1,10001")
-    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
+    defs = build_definitions(store=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     drop_segments(server, "25001", "1")
     _, cursor = discover(instance, defs, cursor)
     _, cursor = discover(instance, defs, cursor)

@@ -67,7 +67,7 @@ def test_every_tracked_partition_gets_a_run_recorded_as_pending(
 ) -> None:
     instance.add_dynamic_partitions("segments", ["1", "10001", "25001"])
     set_setting(monkeypatch, "MATCHALL_SEGMENTS", "1,25001")
-    defs = build_definitions(duckdb_database=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
+    defs = build_definitions(store=str(duckdb_file))  # MATCHALL_SEGMENTS is read as the definitions are built
     result = kickoff(instance, defs, sort="-cdate")
     assert result.success
     pending = pending_by_partition(instance)
@@ -210,7 +210,7 @@ def test_a_reexecuted_kickoff_starts_only_what_the_interrupted_one_had_not_recor
     server = serve_simulator(SimAccount([SimSegment(s, f"S{s}", 3) for s in segments]))
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
-    defs = build_definitions(duckdb_database=str(duckdb_file))
+    defs = build_definitions(store=str(duckdb_file))
     fast = {
         "activecampaign": ActiveCampaignResource(api_url=server.url, api_key=DEFAULT_TOKEN, requests_per_second=100)
     }
@@ -264,7 +264,7 @@ def kickoff_job_for_subprocess() -> dg.JobDefinition:
         api_key=dg.EnvVar("ACTIVECAMPAIGN_API_KEY"),
         requests_per_second=float(os.environ.get("KICKOFF_TEST_RATE", "5")),
     )
-    defs = account_definitions(DEFAULT_ACCOUNT, resource)  # its DuckDB file: duckdb_path()
+    defs = account_definitions(DEFAULT_ACCOUNT, resource)  # its store: MATCHALL_STORE
     return defs.resolve_job_def("match_all_kickoff_job")
 
 

@@ -282,7 +282,7 @@ def test_a_tick_sends_at_most_its_budget_oldest_due_first(
     server = serve_simulator(many)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_URL", server.url)
     monkeypatch.setenv("ACTIVECAMPAIGN_API_KEY", DEFAULT_TOKEN)
-    defs = build_definitions(duckdb_database=str(duckdb_file))
+    defs = build_definitions(store=str(duckdb_file))
     record_pending(instance, server, *[segment.id for segment in many.segments])
     server.simulator.reset_stats()
     first = tick(instance, defs, READINESS)

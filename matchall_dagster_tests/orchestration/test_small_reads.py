@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 import pytest
 
 from matchall_dagster.lifecycle.policy import PendingRun
@@ -18,23 +16,16 @@ from matchall_dagster.orchestration.checks import evaluation, materialized_verdi
 from matchall_dagster.orchestration.names import BATCH_TAG, PLAUSIBLE, RUN_NOT_EXPIRED, RUN_NOT_FAILED
 from matchall_dagster.orchestration.small_reads import batch_requests
 from matchall_dagster.simulator import SimulatorServer
-from matchall_dagster.storage.partitions import replace_partition
+from matchall_dagster.storage.store import StoreUrl
 from matchall_dagster_tests.conftest import CHECKS, materialize_segment, set_setting
 from matchall_dagster_tests.orchestration.sensor_ticks import READINESS, reads_of, record_pending, tick
+from matchall_dagster_tests.orchestration.stores import count, failing_before_commit, stored
 
 pytestmark = pytest.mark.usefixtures("sensor_clock")
 
 MATCHES_KEY = DEFAULT_ACCOUNT.matches_key
 CHANGES_KEY = DEFAULT_ACCOUNT.changes_key
 SMALL = ("1", "9999", "10000", "100")  # one page or less, the empty segment included
-
-
-def stored(duckdb_file: Path, segment_id: str) -> list[int]:
-    with duckdb.connect(str(duckdb_file), read_only=True) as connection:
-        rows = connection.execute(
-            "select contact_id from segment_matches where segment_id = ? order by position", [segment_id]
-        ).fetchall()
-    return [contact_id for (contact_id,) in rows]
 
 
 def run_requests(
@@ -76,8 +67,10 @@ def verdicts(instance: dg.DagsterInstance, key: dg.AssetKey, segment_id: str) ->
 
 
 def test_small_ready_segments_share_one_run_and_each_partition_gets_its_own_events(
-    defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, duckdb_file: Path
+    store_defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, store_url: str
 ) -> None:
+    """On each engine: the batch's rows, history and events are those its segments' own runs would record."""
+    defs = store_defs
     runs = record_pending(instance, server, *SMALL, "10001")
     data = tick(instance, defs, READINESS)
     batches = [request for request in data.run_requests if request.job_name == "read_small_segments"]
@@ -99,14 +92,21 @@ def test_small_ready_segments_share_one_run_and_each_partition_gets_its_own_even
         metadata = {key: value.value for key, value in record.asset_materialization.metadata.items()}
         assert metadata["run_id"] == runs[segment_id]
         assert metadata["page_total"] == metadata["dagster/row_count"] == len(server.simulator.truth(segment_id))
-        # The same metadata as a materialization of its own (the IO manager's query and frame schema aside).
-        assert set(alone_event.metadata) - set(metadata) == {"dataframe_columns", "Query"}
-        assert stored(duckdb_file, segment_id) == server.simulator.truth(segment_id)
+        # The same metadata as a materialization of its own, the store's included.
+        assert set(alone_event.metadata) == set(metadata)
+        url = StoreUrl.parse(store_url)
+        assert (metadata["dagster/storage_kind"], metadata["dagster/table_name"]) == (
+            url.kind,
+            url.table_name("segment_matches"),
+        )
+        assert stored(store_url, segment_id) == server.simulator.truth(segment_id)
         changes = latest(instance, CHANGES_KEY, segment_id)
         assert changes is not None
         assert changes.run_id == result.run_id
         assert changes.asset_materialization is not None
         assert changes.asset_materialization.metadata["joined"].value == len(server.simulator.truth(segment_id))
+        joined = count(store_url, "segment_membership_changes", "segment_id = ? and change = 'joined'", [segment_id])
+        assert joined == len(server.simulator.truth(segment_id))
         assert verdicts(instance, MATCHES_KEY, segment_id) == dict.fromkeys(CHECKS, True)
         assert verdicts(instance, CHANGES_KEY, segment_id) == {PLAUSIBLE: True}
 
@@ -152,26 +152,22 @@ def test_a_failed_or_expired_run_in_a_batch_shows_on_its_own_partition(
 
 
 def test_a_segment_the_batch_cannot_store_is_read_again_alone(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    server: SimulatorServer,
-    duckdb_file: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    store_defs: dg.Definitions, instance: dg.DagsterInstance, server: SimulatorServer, store_url: str
 ) -> None:
-    runs = record_pending(instance, server, "1", "9999")
+    """On each engine: a write that fails in its transaction (on the batch's one connection) hands its segment
+    back, and the segments around it are stored on the same connection."""
+    defs = store_defs
+    runs = record_pending(instance, server, "1", "9999", "10000")
     first = tick(instance, defs, READINESS)
-    real = replace_partition
-
-    def broken_for_9999(connection: Any, segment_id: str, *args: Any, **kwargs: Any) -> None:
-        if segment_id == "9999":
-            raise OSError("disk full (injected)")
-        real(connection, segment_id, *args, **kwargs)
-
-    monkeypatch.setattr(f"{small_reads.__name__}.replace_partition", broken_for_9999)
-    (result,) = run_requests(defs, instance, first.run_requests)
+    with failing_before_commit(store_url, "replace_partition", only={"9999"}) as written:
+        (result,) = run_requests(defs, instance, first.run_requests)
+    assert written == [9_999]
     assert result.success
-    assert stored(duckdb_file, "1") == server.simulator.truth("1")
+    for segment_id in ("1", "10000"):
+        assert stored(store_url, segment_id) == server.simulator.truth(segment_id)
+        assert latest(instance, CHANGES_KEY, segment_id) is not None
     assert latest(instance, MATCHES_KEY, "9999") is None
+    assert stored(store_url, "9999") == []
     (observation,) = [
         event.asset_observation_data.asset_observation
         for event in result.all_events
@@ -179,14 +175,13 @@ def test_a_segment_the_batch_cannot_store_is_read_again_alone(
     ]
     assert observation.partition == "9999"
     assert PendingRecord.extract(observation.metadata).alone
-    monkeypatch.setattr(f"{small_reads.__name__}.replace_partition", real)
 
     # The sensor polls it again and reads it in a run of its own, where a failure is the run's.
     again = tick(instance, defs, READINESS, first.cursor)
     assert [(read.segment_id, read.run_id, read.batch) for read in reads_of(again)] == [("9999", runs["9999"], False)]
     (alone,) = run_requests(defs, instance, again.run_requests)
     assert alone.success
-    assert stored(duckdb_file, "9999") == server.simulator.truth("9999")
+    assert stored(store_url, "9999") == server.simulator.truth("9999")
 
 
 def test_batches_hold_at_most_the_configured_number_of_segments(
@@ -229,7 +224,7 @@ def test_a_tick_between_a_batch_s_two_materializations_requests_nothing(
     assert run_requests(defs, instance, tick(instance, defs, READINESS).run_requests)[0].success  # read before
     evaluated = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
 
-    def matches_only(self: Any, connection: Any, item: Any) -> None:
+    def matches_only(self: Any, item: Any) -> None:
         self._log(dg.AssetMaterialization(MATCHES_KEY, partition=item.segment_id, metadata=item.metadata))
         if verdicts_logged:  # as `_Batch._record` logs them, before the history step
             ((_, record),) = self._latest(MATCHES_KEY, [item])
