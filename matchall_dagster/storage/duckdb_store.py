@@ -14,7 +14,7 @@ up to 80 % of the machine's memory.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,21 +76,13 @@ class _Session:
 
 class DuckDBStore(MembershipStore):
     kind = "duckdb"
-    _held: duckdb.DuckDBPyConnection | None = None
 
     @property
     def path(self) -> str:
         return self.url.location
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Calls inside share one connection (a batch of small segments: an opening costs tens of milliseconds)."""
-        with self.connect() as connection:
-            self._held = connection
-            try:
-                yield
-            finally:
-                self._held = None
+    def _new_connection(self) -> AbstractContextManager[Any]:
+        return self.connect()  # an opening costs tens of milliseconds: a batch holds one
 
     @contextmanager
     def connect(self, *, read_only: bool = False, patience: float = LOCK_PATIENCE_SECONDS) -> Iterator[Any]:

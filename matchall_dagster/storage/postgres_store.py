@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -99,17 +99,9 @@ class _Session:
 
 class PostgresStore(MembershipStore):
     kind = "postgresql"
-    _held: psycopg.Connection[Any] | None = None
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Calls inside share one connection (a batch of small segments: one connection, not three a segment)."""
-        with self._connection() as connection:
-            self._held = connection
-            try:
-                yield
-            finally:
-                self._held = None
+    def _new_connection(self) -> AbstractContextManager[Any]:
+        return self._connection()
 
     @contextmanager
     def _connection(self, *, timeout: float = CONNECT_TIMEOUT_SECONDS) -> Iterator[psycopg.Connection[Any]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -260,9 +260,22 @@ class MembershipStore(abc.ABC):
         """The segment's changes (observed_at, change, contact_id, run_id), oldest first, in batches of
         `batch_rows`: a history can be millions of rows."""
 
+    _held: Any = None  # the connection every call shares while `held()` lasts
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A context in which every call shares one connection (each call is still its own transaction):
+        a batch of small segments connects once, not three times a segment."""
+        with self._new_connection() as connection:
+            self._held = connection
+            try:
+                yield
+            finally:
+                self._held = None
+
     @abc.abstractmethod
-    def held(self) -> AbstractContextManager[None]:
-        """A context in which every call shares one connection (each call is still its own transaction)."""
+    def _new_connection(self) -> AbstractContextManager[Any]:
+        """A read-write connection of its own, closed at the end; every call uses `_held` instead when set."""
 
 
 def open_store(url: StoreUrl | str) -> MembershipStore:
