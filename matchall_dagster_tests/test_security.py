@@ -180,6 +180,15 @@ class Scanner:
                     self.data(f"{where}:{schema}.{table}", repr(row).encode(), "duckdb row")
 
 
+def scan_this_process(scanner: Scanner, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """The test process's own log records (their arguments too) and what it printed."""
+    scanner.text("captured log records", caplog.text)
+    for record in caplog.records:
+        scanner.text(f"log record {record.name}", f"{record.getMessage()} {record.args!r}")
+    captured = capfd.readouterr()
+    scanner.text("this process's stdout and stderr", captured.out + captured.err)
+
+
 def scan_instance(scanner: Scanner, instance: dg.DagsterInstance) -> dict[str, str]:
     """Runs, their snapshots and event logs, and run-less events, serialized as Dagster stores
     them; returns each run's serialized event log by run id."""
@@ -494,11 +503,7 @@ def test_the_api_token_appears_nowhere(
         scanner.tree(out)  # files written by `matchall fetch`
         for scenario, text in outputs.items():
             scanner.text(f"output of {scenario}", text)
-        scanner.text("captured log records", caplog.text)
-        for record in caplog.records:
-            scanner.text(f"log record {record.name}", f"{record.getMessage()} {record.args!r}")
-        captured = capfd.readouterr()
-        scanner.text("this process's stdout and stderr", captured.out + captured.err)
+        scan_this_process(scanner, caplog, capfd)
 
         assert scanner.hits == []
 
@@ -717,11 +722,7 @@ def test_pgpassword_appears_nowhere_a_postgresql_store_writes(
         scanner.tree(home)
         scan_postgres(scanner, postgres_store)
         scanner.text("matchall changes", cli.stdout + cli.stderr)
-        scanner.text("captured log records", caplog.text)
-        for record in caplog.records:
-            scanner.text(f"log record {record.name}", f"{record.getMessage()} {record.args!r}")
-        captured = capfd.readouterr()
-        scanner.text("this process's stdout and stderr", captured.out + captured.err)
+        scan_this_process(scanner, caplog, capfd)
         assert scanner.hits == []
 
         # Not vacuous: the store was written and named, the failure was recorded, the rows were read back.

@@ -70,7 +70,7 @@ class MatchallIOManager(dg.ConfigurableIOManager):
         if not isinstance(obj, pd.DataFrame):
             raise TypeError(
                 f"The membership store keeps DataFrames; {context.asset_key.to_user_string()} returned "
-                f"a {type(obj).__name__}."
+                f"a {type(obj).__name__}: return a pandas DataFrame, or give the asset another IO manager."
             )
         store = self._open()
         table = context.asset_key.path[-1]
@@ -109,7 +109,3 @@ class MembershipStoreResource(dg.ConfigurableResource["MembershipStoreResource"]
 
     def open(self) -> MembershipStore:
         return open_store(self.url)
-
-    @property
-    def parsed(self) -> StoreUrl:
-        return StoreUrl.parse(self.url)

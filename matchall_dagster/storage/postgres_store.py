@@ -4,7 +4,7 @@
 own, `segment_matches_<hash of the id>`) per segment. A partition is replaced by a swap, in one
 transaction:
 1. a new table is created and filled by one binary COPY (`COPY ... FREEZE`: the rows are written
-   frozen, so vacuum never has to visit them). The COPY stream is built by numpy, 26 bytes a row,
+   frozen, so vacuum never has to freeze them). The COPY stream is built by numpy, 26 bytes a row,
    a chunk at a time, never a Python object a row;
 2. the parent is locked, the old partition dropped, the new one renamed and attached (its check
    constraint proves the partition bound, so attaching scans nothing).
@@ -151,17 +151,16 @@ class PostgresStore(MembershipStore):
             )
             positions = frame["position"].to_numpy(dtype=np.int64, copy=False)
             contact_ids = frame["contact_id"].to_numpy(dtype=np.int64, copy=False)
-            copy_sql = sql.SQL("copy {} (position, contact_id) from stdin (format binary, freeze)")
-            with connection.cursor().copy(copy_sql.format(sql.Identifier(staging))) as copy:
+            with connection.cursor().copy(
+                _sql("copy {} (position, contact_id) from stdin (format binary, freeze)", staging)
+            ) as copy:
                 for chunk in copy_chunks(positions, contact_ids):
                     copy.write(chunk)
             # The swap: every writer takes the parent's lock here, and only here (never earlier in its
             # transaction), so writers queue for an instant instead of deadlocking.
-            connection.execute(sql.SQL("lock table {} in access exclusive mode").format(sql.Identifier(MATCHES_TABLE)))
-            connection.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(part)))
-            connection.execute(
-                sql.SQL("alter table {} rename to {}").format(sql.Identifier(staging), sql.Identifier(part))
-            )
+            connection.execute(_sql("lock table {} in access exclusive mode", MATCHES_TABLE))
+            connection.execute(_sql("drop table if exists {}", part))
+            connection.execute(_sql("alter table {} rename to {}", staging, part))
             connection.execute(
                 sql.SQL("alter table {} attach partition {} for values in ({})").format(
                     sql.Identifier(MATCHES_TABLE), sql.Identifier(part), value
@@ -197,9 +196,10 @@ class PostgresStore(MembershipStore):
     def read_partition(self, segment_id: str) -> pd.DataFrame:
         with self.transaction() as connection:
             rows = connection.execute(
-                sql.SQL(
-                    "select segment_id, position, contact_id from {} where segment_id = %s order by position"
-                ).format(sql.Identifier(MATCHES_TABLE)),
+                _sql(
+                    "select segment_id, position, contact_id from {} where segment_id = %s order by position",
+                    MATCHES_TABLE,
+                ),
                 [segment_id],
             ).fetchall()
         return pd.DataFrame(rows, columns=["segment_id", "position", "contact_id"])
@@ -219,10 +219,8 @@ class PostgresStore(MembershipStore):
             ) as copy:
                 for row in frame[names].astype(object).itertuples(index=False):
                     copy.write_row([None if pd.isna(value) else value for value in row])
-            connection.execute(sql.SQL("drop table if exists {}").format(sql.Identifier(table)))
-            connection.execute(
-                sql.SQL("alter table {} rename to {}").format(sql.Identifier(staging), sql.Identifier(table))
-            )
+            connection.execute(_sql("drop table if exists {}", table))
+            connection.execute(_sql("alter table {} rename to {}", staging, table))
             for column in columns or ():
                 if column.description:
                     connection.execute(comment_statement(table, column.name, column.description))
@@ -232,7 +230,7 @@ class PostgresStore(MembershipStore):
             with self.transaction(timeout=patience) as connection:
                 if not _exists(connection, table):
                     return None
-                cursor = connection.execute(sql.SQL("select * from {}").format(sql.Identifier(table)))
+                cursor = connection.execute(_sql("select * from {}", table))
                 names = [column.name for column in cursor.description or ()]
                 return pd.DataFrame(cursor.fetchall(), columns=names)
         except StoreUnavailableError:
@@ -249,7 +247,7 @@ class PostgresStore(MembershipStore):
         if step.joined + step.left >= ANALYZE_AFTER_CHANGES:
             # Outside the step's transaction: its lock on the table's statistics lasts only the analyze.
             with self._connection() as connection:
-                connection.execute(sql.SQL("analyze {}").format(sql.Identifier(history.STATE_TABLE)))
+                connection.execute(_sql("analyze {}", history.STATE_TABLE))
         return step
 
     def steps_since(self, segment_id: str, since: datetime | None) -> list[tuple[Any, ...]] | None:
